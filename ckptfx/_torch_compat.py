@@ -1,0 +1,175 @@
+"""The one module that touches PyTorch's private APIs.
+
+Everything ckptfx needs from ``torch._functorch``, ``torch._inductor``, ``torch._dynamo`` and
+``torch.fx.experimental`` goes through here, so a torch upgrade touches one file. Tested on
+torch 2.13; the lowest supported version is declared in pyproject.toml.
+
+Note [Reusing AOTAutograd's extractor]
+    AOTAutograd's runtime owns the calling convention between the forward and the backward
+    (saved tensors, then opaque objects, then SymInts that bind every symbol the backward
+    sees; version-counter slices; output descriptors). ckptfx chooses *what* is saved and
+    *where* recomputation happens; it hands the chosen saved set to AOTAutograd's own
+    extractor for the calling convention, then re-places the recomputation itself
+    (``ckptfx.passes.rewrite``). That keeps the convention exact across torch versions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+
+def partitioners():
+    from torch._functorch import partitioners as p
+
+    return p
+
+
+def is_primal(node: fx.Node) -> bool:
+    return partitioners()._is_primal(node)
+
+
+def is_tangent(node: fx.Node) -> bool:
+    return partitioners()._is_tangent(node)
+
+
+def is_fwd_seed_offset(node: fx.Node) -> bool:
+    return partitioners()._is_fwd_seed_offset(node)
+
+
+def is_bwd_seed_offset(node: fx.Node) -> bool:
+    return partitioners()._is_bwd_seed_offset(node)
+
+
+def is_backward_state(node: fx.Node) -> bool:
+    return partitioners()._is_backward_state(node)
+
+
+def must_be_in_backward(node: fx.Node) -> bool:
+    return partitioners()._must_be_in_backward(node)
+
+
+def must_be_in_forward(node: fx.Node) -> bool:
+    return partitioners()._must_be_in_forward(node)
+
+
+def is_sym_node(node: fx.Node) -> bool:
+    from torch.fx.experimental.sym_node import SymTypes  # noqa: F401  (public-ish)
+
+    return partitioners().is_sym_node(node)
+
+
+def is_opaque_node(node: fx.Node) -> bool:
+    p = partitioners()
+    return bool(getattr(p, "is_opaque_node", lambda n: False)(node))
+
+
+def prepare_joint(joint_module: fx.GraphModule) -> None:
+    """Runs AOTAutograd's own pre-partition steps that stamp must-save tags in place.
+
+    Collectives, effectful ops and the sources of backward mutations get
+    ``meta["recompute"] = MUST_SAVE``; checkpoint tags are normalised.
+    """
+    p = partitioners()
+    joint_module.graph.eliminate_dead_code()
+    joint_module.recompile()
+    if p.has_recomputable_ops(joint_module):
+        p.cleanup_recompute_tags(joint_module, is_default_partition=False)
+    p.force_save_collectives(joint_module)
+    p.force_save_effectful_ops(joint_module)
+    p.force_save_bw_mutation_src(joint_module)
+
+
+def extract_fwd_bwd(
+    joint_module: fx.GraphModule,
+    saved_values: list[fx.Node],
+    saved_sym_nodes: list[fx.Node],
+    num_fwd_outputs: int,
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """AOTAutograd's extractor (see Note [Reusing AOTAutograd's extractor]).
+
+    Mutates ``saved_values`` / ``saved_sym_nodes`` in place to what was really saved.
+    """
+    p = partitioners()
+    opaque = [n for n in saved_values if is_opaque_node(n)]
+    tensors = [n for n in saved_values if not is_opaque_node(n)]
+    saved_values[:] = tensors
+    return p._extract_fwd_bwd_modules(
+        joint_module,
+        saved_values,
+        saved_sym_nodes=saved_sym_nodes,
+        saved_opaque_nodes=opaque,
+        num_fwd_outputs=num_fwd_outputs,
+    )
+
+
+def raise_getitems(gm: fx.GraphModule) -> fx.GraphModule:
+    return partitioners().raise_getitems(gm)
+
+
+def torch_min_cut_partition(joint_module, joint_inputs, **kwargs):
+    """PyTorch's own partitioner: the safe fallback and the reference in benchmarks."""
+    from functorch.compile import min_cut_rematerialization_partition
+
+    return min_cut_rematerialization_partition(joint_module, joint_inputs, **kwargs)
+
+
+def checkpoint_policy_enum():
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy
+
+
+def shape_env_of(graph: fx.Graph):
+    """The ShapeEnv of a graph's fake tensors / SymInts, or None for static graphs."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv  # noqa: F401
+
+    for node in graph.nodes:
+        val = node.meta.get("val")
+        for v in val if isinstance(val, (list, tuple)) else [val]:
+            if isinstance(v, torch.SymInt):
+                return v.node.shape_env
+            if isinstance(v, torch.Tensor):
+                for s in list(v.shape) + [v.storage_offset()]:
+                    if isinstance(s, torch.SymInt):
+                        return s.node.shape_env
+    return None
+
+
+def symbol_hints(shape_env) -> dict[Any, int]:
+    """Backed hints of every symbol a ShapeEnv knows: sympy.Symbol -> int."""
+    if shape_env is None:
+        return {}
+    return {sym: int(val) for sym, val in shape_env.var_to_val.items()}
+
+
+def inductor_partitioner_base():
+    from torch._inductor.custom_graph_pass import CustomPartitionerFn
+
+    return CustomPartitionerFn
+
+
+def inductor_config():
+    import torch._inductor.config as cfg
+
+    return cfg
+
+
+def compile_fx(gm, example_inputs, **kwargs):
+    from torch._inductor.compile_fx import compile_fx as _compile_fx
+
+    return _compile_fx(gm, example_inputs, **kwargs)
+
+
+def aot_autograd_backend(**kwargs):
+    from torch._dynamo.backends.common import aot_autograd
+
+    return aot_autograd(**kwargs)
+
+
+def flop_registry():
+    from torch.utils.flop_counter import flop_registry as reg
+
+    return reg

@@ -1,0 +1,206 @@
+"""RematConfig: every option of the pass, validated once, frozen and hashable.
+
+A config is passed explicitly to every stage; nothing reads options from the environment or
+from another library's globals. ``RematConfig.from_options(dict)`` is what
+``torch.compile(..., backend="ckpt", options={...})`` calls: it rejects unknown keys and bad
+values with a :class:`ckptfx.errors.ConfigError` that names the option and the allowed values.
+
+Example:
+    >>> from ckptfx.config import RematConfig
+    >>> RematConfig.from_options({"memory_budget": "512MiB", "inner": "eager"}).memory_budget
+    MemoryBudget(fraction=None, nbytes=536870912)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+from ckptfx.errors import ConfigError
+
+SOLVERS = ("auto", "mincut", "budget", "greedy", "uniform")
+INNERS = ("inductor", "eager")
+BUDGET_KINDS = ("saved", "peak")
+COST_MODELS = ("roofline", "profile")
+
+_UNITS = {
+    "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryBudget:
+    """A memory budget: a fraction of the no-recompute activation bytes, or absolute bytes.
+
+    Exactly one of ``fraction`` (a float in [0, 1]; 0 asks for the least memory achievable)
+    and ``nbytes`` (int, bytes) is set.
+    """
+
+    fraction: float | None = None
+    nbytes: int | None = None
+
+    def resolve(self, full_bytes: int) -> int:
+        """Returns the budget in bytes given the no-recompute figure ``full_bytes`` (bytes)."""
+        if self.nbytes is not None:
+            return self.nbytes
+        assert self.fraction is not None
+        return int(math.floor(self.fraction * full_bytes))
+
+    def __str__(self) -> str:
+        return f"{self.fraction:g}" if self.fraction is not None else f"{self.nbytes} B"
+
+
+def parse_budget(value: Any) -> MemoryBudget | None:
+    """Parses the ``memory_budget`` option.
+
+    Args:
+        value: None (no budget); a float in [0, 1] (fraction of the no-recompute activation
+            bytes); an int >= 2 (bytes); or a string size such as ``"512MiB"``, ``"2GB"``,
+            ``"1e9B"`` (units B, KB, MB, GB, TB = powers of 1000; KiB, MiB, GiB, TiB = powers
+            of 1024; a bare number in a string means bytes).
+
+    Returns:
+        A MemoryBudget, or None.
+
+    Raises:
+        ConfigError: NaN, infinite, negative, a fraction above 1, a bool, a bare int 0 or 1
+            (ambiguous between a fraction and bytes: write 0.0/1.0 or "1B"), an unparsable
+            string or an unknown unit.
+    """
+    allowed = ("a float fraction in [0, 1], int bytes >= 2, or a size string like '512MiB' "
+               "(units: " + ", ".join(_UNITS) + ")")
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"memory_budget={value!r}: a bool is not a budget; use {allowed}")
+    if isinstance(value, int):
+        if value in (0, 1):
+            raise ConfigError(
+                f"memory_budget={value!r} is ambiguous: write {float(value)!r} for a fraction "
+                f"of the activation bytes or '{value}B' for bytes")
+        if value < 0:
+            raise ConfigError(f"memory_budget={value!r} is negative; use {allowed}")
+        return MemoryBudget(nbytes=value)
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            raise ConfigError(f"memory_budget={value!r} is not finite; use {allowed}")
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(
+                f"memory_budget={value!r}: a float is a fraction and must lie in [0, 1]; "
+                f"for bytes pass an int or a string like '512MiB'")
+        return MemoryBudget(fraction=value)
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        unit = match.group(2).lower() if match else ""
+        if match is None or (unit and unit not in _UNITS):
+            raise ConfigError(f"memory_budget={value!r} is not a size; use {allowed}")
+        nbytes = float(match.group(1)) * _UNITS.get(unit, 1)
+        if math.isnan(nbytes) or nbytes < 0:
+            raise ConfigError(f"memory_budget={value!r} is negative; use {allowed}")
+        return MemoryBudget(nbytes=int(nbytes))
+    raise ConfigError(f"memory_budget={value!r} has type {type(value).__name__}; use {allowed}")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not allowed; allowed values: {', '.join(allowed)}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class RematConfig:
+    """Options of the rematerialization pass.
+
+    Attributes:
+        memory_budget: None (no budget: the min-cut over saved bytes decides), or a
+            :class:`MemoryBudget` (see :func:`parse_budget` for accepted inputs).
+        budget_kind: ``"saved"`` bounds the bytes kept from forward to backward;
+            ``"peak"`` bounds the simulated peak bytes of the whole step.
+        solver: ``"auto"`` (min-cut without a budget, ``"budget"`` with one), ``"mincut"``,
+            ``"budget"`` (MILP, HiGHS), ``"greedy"`` (knapsack heuristic), ``"uniform"``.
+        policy: None, a built-in policy name (see ``ckptfx.policies.BUILTIN``), or a policy
+            object / callable (validated by :func:`ckptfx.policies.resolve`).
+        inner: ``"inductor"`` (Inductor codegen with ckptfx as partitioner) or ``"eager"``.
+        strict: raise instead of falling back (infeasible budget, unsupported graph).
+        cost_model: ``"roofline"`` (FLOPs and bytes moved) or ``"profile"`` (timed ops).
+        recompute_expensive: allow the min-cut to recompute compute-bound ops
+            (matmul, convolution, attention). Off by default: PyTorch's choice too.
+        layers_per_checkpoint: k of the uniform policy/solver; None means round(sqrt(n)).
+        time_limit_s: wall-clock limit of exact solvers, seconds (> 0).
+        unbacked_size_hint: the size assumed for an unbacked SymInt (a data-dependent size
+            with no hint), elements. Every use is logged; see ``Note [Unbacked sizes]``.
+    """
+
+    memory_budget: MemoryBudget | None = None
+    budget_kind: str = "saved"
+    solver: str = "auto"
+    policy: Any = None
+    inner: str = "inductor"
+    strict: bool = False
+    cost_model: str = "roofline"
+    recompute_expensive: bool = False
+    layers_per_checkpoint: int | None = None
+    time_limit_s: float = 10.0
+    unbacked_size_hint: int = 4096
+
+    def __post_init__(self) -> None:
+        _choice("budget_kind", self.budget_kind, BUDGET_KINDS)
+        _choice("solver", self.solver, SOLVERS)
+        _choice("inner", self.inner, INNERS)
+        _choice("cost_model", self.cost_model, COST_MODELS)
+        for flag in ("strict", "recompute_expensive"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag}={getattr(self, flag)!r}: allowed values: True, False")
+        if self.memory_budget is not None and not isinstance(self.memory_budget, MemoryBudget):
+            object.__setattr__(self, "memory_budget", parse_budget(self.memory_budget))
+        k = self.layers_per_checkpoint
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ConfigError(f"layers_per_checkpoint={k!r}: allowed values: None or an int >= 1")
+        t = self.time_limit_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0 or math.isinf(t):
+            raise ConfigError(f"time_limit_s={t!r}: allowed values: a finite number of seconds > 0")
+        u = self.unbacked_size_hint
+        if isinstance(u, bool) or not isinstance(u, int) or u < 1:
+            raise ConfigError(f"unbacked_size_hint={u!r}: allowed values: an int >= 1")
+        if self.policy is not None:
+            from ckptfx.policies import resolve  # policies import no heavy modules
+
+            resolve(self.policy)  # raises ConfigError on a bad policy
+
+    @property
+    def effective_solver(self) -> str:
+        """The solver that runs: ``auto`` is min-cut without a budget, ``budget`` with one."""
+        if self.solver != "auto":
+            return self.solver
+        return "budget" if self.memory_budget is not None else "mincut"
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None) -> "RematConfig":
+        """Builds a config from a torch.compile ``options`` dict.
+
+        Raises:
+            ConfigError: an unknown key (the message lists the valid ones) or a bad value.
+        """
+        options = dict(options or {})
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {', '.join(map(repr, unknown))} for backend 'ckpt'; "
+                f"valid options: {', '.join(valid)}")
+        if "memory_budget" in options:
+            options["memory_budget"] = parse_budget(options["memory_budget"])
+        return cls(**options)
+
+    def cache_key(self) -> str:
+        """A stable string of every option, for compile caches (see ``CkptPartitioner.uuid``)."""
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            parts.append(f"{f.name}={value!r}")
+        return ";".join(parts)

@@ -1,0 +1,120 @@
+"""partition_fn: ckptfx as an AOTAutograd partitioner, with its safety net.
+
+``partition_fn(config)`` returns a callable with AOTAutograd's partitioner signature
+``(joint_module, joint_inputs, *, num_fwd_outputs, **kwargs) -> (fw_module, bw_module)``,
+usable with ``aot_function``/``aot_module``/``aot_autograd``.
+
+Safety net (Invariant: a partition may cost memory, never a wrong gradient): any exception
+in analysis, solving or rewriting falls back to PyTorch's own min-cut partitioner with one
+warning naming the cause, recorded in the report (``RematReport.fallback``); with
+``strict=True`` the exception propagates instead.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+
+from ckptfx import _torch_compat as compat
+from ckptfx.config import RematConfig
+from ckptfx.joint import JointGraph
+from ckptfx.report import RematReport
+
+log = logging.getLogger("ckptfx")
+_graph_ids = itertools.count()
+
+
+def partition_joint(joint: JointGraph, config: RematConfig, graph_id: int = 0,
+                    return_plan: bool = False):
+    """Plans and applies: returns (fw, bw, report[, plan]). Raises what planning or rewriting
+    raises."""
+    from ckptfx.memory import predict_peak
+    from ckptfx.passes.rewrite import apply_plan
+    from ckptfx.planner import plan
+    from ckptfx.report import build_report
+
+    start = time.perf_counter()
+    planned = plan(joint, config)
+    fw, bw = apply_plan(joint, planned.plan)
+    elapsed = time.perf_counter() - start
+    peak = predict_peak(fw, bw, joint)
+    report = build_report(graph_id, planned.plan, planned.table, elapsed, predicted_peak=peak)
+    return (fw, bw, report, planned.plan) if return_plan else (fw, bw, report)
+
+
+def apply_plan(joint: JointGraph, plan, config: RematConfig | None = None, graph_id: int = 0):
+    """Applies a plan and reports on it: the public ``ckptfx.apply_plan``.
+
+    Args:
+        joint: the JointGraph the plan was made for.
+        plan: a RematPlan (from :func:`ckptfx.plan_remat` or built by hand).
+        config: the options the plan was made with (size hints for unbacked sizes).
+
+    Returns:
+        (fw_module, bw_module, report): forward and backward GraphModules in AOTAutograd's
+        calling convention, and a RematReport.
+
+    Raises:
+        PlanValidationError: the plan or the emitted graphs break an invariant.
+    """
+    from ckptfx.analysis.table import build_table
+    from ckptfx.memory import predict_peak
+    from ckptfx.passes.rewrite import apply_plan as rewrite
+    from ckptfx.planner import size_hints
+    from ckptfx.report import build_report
+
+    start = time.perf_counter()
+    config = config or RematConfig()
+    fw, bw = rewrite(joint, plan)
+    table = build_table(joint, size_hints(joint, config))
+    elapsed = time.perf_counter() - start
+    return fw, bw, build_report(graph_id, plan, table, elapsed,
+                                predicted_peak=predict_peak(fw, bw, joint))
+
+
+def partition_fn(config: RematConfig | None = None,
+                 on_report: Callable[[RematReport], None] | None = None,
+                 fault: Callable[[JointGraph], None] | None = None):
+    """An AOTAutograd partition_fn that plans with ckptfx.
+
+    Args:
+        config: options (default ``RematConfig()``).
+        on_report: called with the RematReport of every partitioned graph.
+        fault: test hook called on the JointGraph before planning; an exception it raises
+            exercises the fallback path.
+
+    Returns:
+        ``fn(joint_module, joint_inputs, *, num_fwd_outputs, static_lifetime_input_indices=None,
+        **kwargs) -> (fw_module, bw_module)``.
+    """
+    config = config or RematConfig()
+
+    def fn(joint_module, joint_inputs, *, num_fwd_outputs, **kwargs):
+        graph_id = next(_graph_ids)
+        static = kwargs.get("static_lifetime_input_indices")
+        try:
+            compat.prepare_joint(joint_module)
+            joint = JointGraph.from_partition_args(
+                joint_module, joint_inputs, num_fwd_outputs=num_fwd_outputs,
+                static_lifetime_input_indices=static)
+            if fault is not None:
+                fault(joint)
+            fw, bw, report = partition_joint(joint, config, graph_id)
+        except Exception as exc:
+            if config.strict:
+                raise
+            cause = f"{type(exc).__name__}: {exc}"
+            log.warning("ckptfx: falling back to PyTorch's min-cut partitioner for graph %d: %s",
+                        graph_id, cause)
+            kw = {k: v for k, v in kwargs.items() if k != "compiler"}
+            fw, bw = compat.torch_min_cut_partition(
+                joint_module, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
+            report = RematReport(graph_id=graph_id, solver="torch-fallback", fallback=cause)
+        if on_report is not None:
+            on_report(report)
+        log.info("%s", report)
+        return fw, bw
+
+    return fn

@@ -1,0 +1,99 @@
+"""apply_plan: a RematPlan applied to a joint graph -> forward and backward GraphModules.
+
+Two stages, each a function of graphs to graphs:
+
+1. ``split``: AOTAutograd's extractor with the plan's saved set (see
+   ``Note [Reusing AOTAutograd's extractor]`` in ``ckptfx/_torch_compat.py``). The forward
+   returns the user outputs, then the saved tensors, then the SymInts the backward needs;
+   every forward value the backward reads but that is not saved is copied into the backward
+   graph: that copy is the recomputation.
+2. ``place_just_in_time``: the backward is rebuilt into a fresh Graph (env map) where every
+   node that depends on no tangent (recomputed forward nodes and backward-native ones) is
+   emitted just before its first user, so a recomputed chain is alive only from its
+   recomputation to its last use (Invariant 4 of the design).
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from ckptfx import _torch_compat as compat
+from ckptfx.joint import JointGraph
+from ckptfx.plan import RematPlan
+
+META_KEY = "ckptfx.recompute"  # node.meta key marking recomputed nodes in the backward
+
+
+def split(joint: JointGraph, plan: RematPlan) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """The forward and backward GraphModules that save exactly ``plan.saved``."""
+    by_name = {n.name: n for n in joint.graph.nodes}
+    saved = [by_name[s] for s in plan.saved]
+    saved_sym = [n for n in saved if compat.is_sym_node(n)]
+    saved_values = [n for n in saved if not compat.is_sym_node(n)]
+    return compat.extract_fwd_bwd(joint.gm, saved_values, saved_sym, joint.num_fwd_outputs)
+
+
+def _is_movable(node: fx.Node, fw_computable: frozenset[str]) -> bool:
+    return (node.op == "call_function" and node.name in fw_computable and not node.is_impure())
+
+
+def place_just_in_time(bw: fx.GraphModule, fw_computable: frozenset[str],
+                       recomputed: frozenset[str]) -> fx.GraphModule:
+    """Re-emits ``bw`` with tangent-independent nodes just before their first use.
+
+    Args:
+        bw: the backward GraphModule.
+        fw_computable: names (joint-graph names) of nodes that depend on no tangent.
+        recomputed: names of recomputed forward nodes (marked ``meta["ckptfx.recompute"]``).
+
+    Returns:
+        A new GraphModule computing the same values in the new order.
+    """
+    new = fx.Graph()
+    new._codegen = bw.graph._codegen
+    env: dict[fx.Node, fx.Node] = {}
+
+    def emit(node: fx.Node) -> None:
+        # Iterative post-order over not-yet-emitted movable producers.
+        stack = [(node, False)]
+        while stack:
+            cur, expanded = stack.pop()
+            if cur in env:
+                continue
+            if expanded:
+                env[cur] = new.node_copy(cur, lambda x: env[x])
+                if cur.name in recomputed:
+                    env[cur].meta[META_KEY] = True
+                continue
+            stack.append((cur, True))
+            for p in reversed(cur.all_input_nodes):
+                if p not in env:
+                    stack.append((p, False))
+
+    for node in bw.graph.nodes:
+        if _is_movable(node, fw_computable) and node.users:
+            continue  # emitted on demand by its first user
+        emit(node)
+    new.lint()
+    return fx.GraphModule(bw, new)
+
+
+def apply_plan(joint: JointGraph, plan: RematPlan) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Applies ``plan``: forward and backward GraphModules, verified.
+
+    Args:
+        joint: the joint graph the plan was made for.
+        plan: the plan.
+
+    Returns:
+        (forward, backward) GraphModules in AOTAutograd's calling convention.
+
+    Raises:
+        PlanValidationError: the emitted graphs break an invariant (see passes/verify.py).
+    """
+    from ckptfx.passes.verify import verify
+
+    fw, bw = split(joint, plan)
+    bw = place_just_in_time(bw, joint.fw_computable, frozenset(plan.recomputed))
+    verify(joint, plan, fw, bw)
+    return fw, bw

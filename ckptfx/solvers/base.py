@@ -1,0 +1,178 @@
+"""The solver boundary: a rematerialization problem as plain data, and the Solver protocol.
+
+Nothing here imports torch. A :class:`SolveProblem` describes the part of a joint graph that
+a solver may decide on: every node computable from the primals alone (no tangent dependence),
+with its size in bytes (already evaluated under :class:`ckptfx.analysis.sizes.SizeHints`), its
+recompute cost, its producers and the constraints on it. A solver returns the set of node
+names to save; everything else that the backward needs is recomputed there.
+
+Semantics shared by every solver (see ``Note [Validity of a saved set]``):
+
+* ``in_forward`` nodes are computed by the forward graph anyway; ``needed_by_backward`` nodes
+  are read by at least one backward node.
+* A saved set ``S`` is valid when every node the backward needs is either in ``S`` or is
+  recomputable with all its ``inputs`` valid in the same sense (recursively), and no node
+  with ``can_recompute=False`` and ``in_forward=True`` would have to be recomputed.
+* Nodes that are not ``in_forward`` (backward-native: they depend only on primals but only
+  the backward reads them, e.g. a transposed weight) cost nothing extra to compute in the
+  backward, so their ``recompute_cost`` is 0 there.
+
+Note [Validity of a saved set]
+    This is the node-splitting construction of Checkmate (Jain et al., MLSys 2020) and of
+    PyTorch's min-cut partitioner: a valid saved set is exactly a finite s-t cut in the graph
+    where the source feeds primals and must-compute-in-forward nodes and the backward's
+    reads drain to the sink.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Protocol
+
+SAVE = "save"
+RECOMPUTE = "recompute"
+
+Force = Literal["save", "recompute"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProblemNode:
+    """One candidate node of a joint graph, as the solvers see it.
+
+    Attributes:
+        name: the joint graph node's name (unique).
+        nbytes: bytes kept alive if this node is saved for backward (int, evaluated sizes).
+        recompute_cost: cost of recomputing this node once in the backward, in seconds of the
+            cost model (0 for views and backward-native nodes).
+        inputs: names of the producers of this node that are themselves ProblemNodes.
+        is_input: a primal (graph input); never recomputed, saving it costs ``nbytes``.
+        in_forward: the forward graph computes it (it feeds a forward output).
+        needed_by_backward: a backward node reads it.
+        can_save: False for values that cannot be returned as saved tensors (tuples).
+        can_recompute: False for random ops, side effects, collectives and the like.
+        force: a hard constraint from a policy: ``"save"`` or ``"recompute"``, or None.
+        prefer: a soft bias in seconds of recompute cost: positive favours saving this node,
+            negative favours recomputing it. Solvers that optimise cost add it to the
+            objective when the node is recomputed.
+        reason: why the constraints above are what they are (for reports and errors).
+    """
+
+    name: str
+    nbytes: int
+    recompute_cost: float
+    inputs: tuple[str, ...] = ()
+    is_input: bool = False
+    in_forward: bool = True
+    needed_by_backward: bool = False
+    can_save: bool = True
+    can_recompute: bool = True
+    force: Force | None = None
+    prefer: float = 0.0
+    reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class SolveProblem:
+    """A rematerialization problem: nodes in topological order plus a budget.
+
+    Attributes:
+        nodes: every candidate node, producers before consumers.
+        budget_bytes: the most bytes the saved set may hold (``budget_kind="saved"``) or the
+            most bytes of simulated peak (``"peak"``); None means no budget.
+        budget_kind: ``"saved"`` or ``"peak"``.
+        time_limit_s: wall-clock limit for exact solvers, seconds.
+        layers: optional block structure for layer-wise solvers: tuple of tuples of node names,
+            one tuple per repeated block, in forward order.
+    """
+
+    nodes: tuple[ProblemNode, ...]
+    budget_bytes: int | None = None
+    budget_kind: Literal["saved", "peak"] = "saved"
+    time_limit_s: float = 10.0
+    layers: tuple[tuple[str, ...], ...] = ()
+
+    def by_name(self) -> dict[str, ProblemNode]:
+        """Returns a name -> node map (a fresh dict)."""
+        return {n.name: n for n in self.nodes}
+
+
+@dataclasses.dataclass(frozen=True)
+class Solution:
+    """What a solver returns.
+
+    Attributes:
+        saved: names of the nodes to save, in problem order.
+        objective: the solver's objective value (bytes for min-cut, seconds for budget).
+        lower_bound: a proven lower bound on the objective (LP relaxation), or None.
+        feasible: False when no plan meets the budget; ``saved`` is then the closest plan.
+        reasons: per saved/recomputed node, the solver's reason.
+        notes: free-form facts for the report (e.g. "MILP optimal", "heuristic: time limit").
+    """
+
+    saved: tuple[str, ...]
+    objective: float = 0.0
+    lower_bound: float | None = None
+    feasible: bool = True
+    reasons: tuple[tuple[str, str], ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+class Solver(Protocol):
+    """A solver maps a SolveProblem to a Solution. Solvers are pure: no torch, no globals."""
+
+    name: str
+
+    def solve(self, problem: SolveProblem) -> Solution:  # pragma: no cover - protocol
+        ...
+
+
+def needed_closure(problem: SolveProblem, saved: set[str]) -> tuple[set[str], list[str]]:
+    """Walks from the backward's reads through unsaved producers.
+
+    Args:
+        problem: the problem.
+        saved: names assumed saved.
+
+    Returns:
+        (recomputed, violations): the names computed in the backward (forward nodes that are
+        recomputed plus backward-native nodes), and human-readable reasons the set is invalid
+        (empty when valid).
+    """
+    nodes = problem.by_name()
+    recomputed: set[str] = set()
+    violations: list[str] = []
+    stack = [n.name for n in problem.nodes if n.needed_by_backward and n.name not in saved]
+    while stack:
+        name = stack.pop()
+        if name in recomputed:
+            continue
+        node = nodes[name]
+        if node.is_input:
+            violations.append(f"primal {name} is read by the backward but not saved")
+            continue
+        if node.in_forward and not node.can_recompute:
+            violations.append(f"{name} must not be recomputed ({node.reason or 'banned'})")
+        if node.force == SAVE:
+            violations.append(f"{name} is forced to be saved ({node.reason})")
+        recomputed.add(name)
+        stack.extend(i for i in node.inputs if i not in saved)
+    for name in saved:
+        node = nodes[name]
+        if not node.can_save:
+            violations.append(f"{name} cannot be saved ({node.reason or 'not a tensor'})")
+        if node.force == RECOMPUTE and node.in_forward:
+            violations.append(f"{name} is forced to be recomputed ({node.reason})")
+    return recomputed, violations
+
+
+def saved_bytes(problem: SolveProblem, saved: set[str] | tuple[str, ...]) -> int:
+    """Sum of ``nbytes`` over the saved nodes (bytes)."""
+    nodes = problem.by_name()
+    return sum(nodes[s].nbytes for s in saved)
+
+
+def recompute_cost(problem: SolveProblem, saved: set[str] | tuple[str, ...]) -> float:
+    """Total recompute cost (cost-model seconds) of forward nodes the backward recomputes."""
+    nodes = problem.by_name()
+    recomputed, _ = needed_closure(problem, set(saved))
+    return sum(nodes[r].recompute_cost for r in recomputed if nodes[r].in_forward)

@@ -1,0 +1,142 @@
+"""Min-cut solver: the saved set of least bytes, as a minimum s-t cut (networkx max-flow).
+
+Construction (node splitting; Checkmate, Jain et al. 2020; PyTorch's
+``min_cut_rematerialization_partition``): every candidate ``n`` becomes ``n.in -> n.out``
+with capacity = bytes of saving ``n``; data edges ``p.out -> n.in`` and the constraint edges
+below are infinite. A finite cut separates what the forward keeps (source side) from what the
+backward needs (sink side); the cut ``n.in -> n.out`` edges are the saved values.
+
+Constraint edges, each with its reason (kept so an impossible cut can explain itself):
+
+* ``source -> n.in``: n is a primal, may not be recomputed (random, side effect, collective,
+  compute-intensive under the min-cut's rule), or a policy says MUST_SAVE.
+* ``n.out -> sink``: a backward node reads n.
+* ``n.in -> n.out`` infinite: n cannot be saved (a tuple), or a policy says MUST_RECOMPUTE.
+
+Note [Min-cut tie-breaking]
+    Capacities are ``bytes * K + (N - i)`` for the i-th of N nodes with ``K > N**2``: the cut
+    is lexicographically the least bytes first, then the latest nodes, which recomputes
+    fewer ops among equal-byte cuts. PREFER_SAVE halves a node's bytes and PREFER_RECOMPUTE
+    doubles them: soft preferences that a large enough byte difference overrules.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from ckptfx.errors import UnsupportedGraphError
+from ckptfx.solvers.base import RECOMPUTE, SAVE, ProblemNode, SolveProblem, Solution, needed_closure
+
+SOURCE, SINK = "__source__", "__sink__"
+
+
+def _weight(node: ProblemNode) -> float:
+    w = float(node.nbytes)
+    if node.prefer > 0:
+        w *= 0.5
+    elif node.prefer < 0:
+        w *= 2.0
+    return w
+
+
+def _source_reason(node: ProblemNode) -> str | None:
+    if node.is_input:
+        return "graph input"
+    if node.force == SAVE:
+        return node.reason or "MUST_SAVE"
+    if node.in_forward and not node.can_recompute:
+        return node.reason or "may not be recomputed"
+    return None
+
+
+def build_flow_graph(problem: SolveProblem):
+    """The flow network of the construction above (a ``networkx.DiGraph``).
+
+    Infinite edges have no ``capacity`` attribute (networkx's convention) and carry
+    ``reason``.
+    """
+    import networkx as nx
+
+    g = nx.DiGraph()
+    n = len(problem.nodes)
+    scale = n * n + 1
+    for i, node in enumerate(problem.nodes):
+        a, b = (node.name, "in"), (node.name, "out")
+        if node.can_save and node.force != RECOMPUTE:
+            g.add_edge(a, b, capacity=int(round(_weight(node))) * scale + (n - i))
+        else:
+            g.add_edge(a, b, reason=node.reason or ("MUST_RECOMPUTE" if node.force else "cannot be saved"))
+        why = _source_reason(node)
+        if why is not None:
+            g.add_edge(SOURCE, a, reason=why)
+        if node.needed_by_backward:
+            g.add_edge(b, SINK, reason="read by the backward")
+        for p in node.inputs:
+            g.add_edge((p, "out"), a, reason="data dependency")
+    g.add_node(SOURCE)
+    g.add_node(SINK)
+    return g
+
+
+def infinite_path(g) -> list[str]:
+    """A source-to-sink path of infinite edges, as readable steps (empty if none)."""
+    parent: dict = {SOURCE: None}
+    queue = deque([SOURCE])
+    while queue:
+        u = queue.popleft()
+        if u == SINK:
+            break
+        for v, data in g[u].items():
+            if "capacity" not in data and v not in parent:
+                parent[v] = u
+                queue.append(v)
+    if SINK not in parent:
+        return []
+    steps, v = [], SINK
+    while parent[v] is not None:
+        u = parent[v]
+        steps.append(f"{_label(u)} -> {_label(v)} ({g[u][v]['reason']})")
+        v = u
+    return steps[::-1]
+
+
+def _label(x) -> str:
+    return x if isinstance(x, str) else f"{x[0]}.{x[1]}"
+
+
+class MinCutSolver:
+    """Least saved bytes subject to the constraint edges; ignores the budget.
+
+    Raises:
+        UnsupportedGraphError: the constraints admit no finite cut (e.g. a node that must be
+            recomputed depends on a random op); the message is the offending path.
+    """
+
+    name = "mincut"
+
+    def solve(self, problem: SolveProblem) -> Solution:
+        import networkx as nx
+
+        if not any(n.needed_by_backward for n in problem.nodes):
+            return Solution(saved=(), objective=0.0, notes=("backward reads no forward value",))
+        g = build_flow_graph(problem)
+        try:
+            _, (reachable, _) = nx.minimum_cut(g, SOURCE, SINK)
+        except nx.NetworkXUnbounded:
+            path = infinite_path(g)
+            raise UnsupportedGraphError(
+                "min-cut: the constraints leave no finite cut; a value the backward needs can be "
+                "neither saved nor recomputed: " + " ; ".join(path)) from None
+        saved = tuple(n.name for n in problem.nodes
+                      if (n.name, "in") in reachable and (n.name, "out") not in reachable)
+        recomputed, violations = needed_closure(problem, set(saved))
+        if violations:  # cannot happen for a finite cut; guard the invariant anyway
+            raise UnsupportedGraphError("min-cut produced an invalid saved set: " + "; ".join(violations))
+        nodes = problem.by_name()
+        objective = float(sum(nodes[s].nbytes for s in saved))
+        reasons = [(s, "min-cut: saving it is part of the least-bytes cut") for s in saved]
+        reasons += [(r, "min-cut: cheaper to recompute from saved values than to save")
+                    for r in sorted(recomputed) if nodes[r].in_forward]
+        return Solution(saved=saved, objective=objective, lower_bound=objective,
+                        reasons=tuple(reasons), notes=("min-cut optimal over saved bytes",))
+
