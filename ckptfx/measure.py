@@ -46,7 +46,10 @@ def saved_tensor_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = 
 
 
 @functools.lru_cache(maxsize=1)
-def _release_large_blocks() -> bool:
+def release_large_blocks() -> bool:
+    """Makes glibc return blocks >= 64 KiB to the system on free (``mallopt``), so that RSS
+    follows live tensor memory. Call once before the first measured step; returns whether it
+    could (False off glibc)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -82,7 +85,7 @@ def peak_rss_delta(fn: Callable[[], Any]) -> tuple[Any, int]:
     Raises:
         OSError: not supported here (see :func:`peak_rss_supported`).
     """
-    _release_large_blocks()
+    release_large_blocks()
     base = _status("VmRSS")
     with open(f"/proc/{os.getpid()}/clear_refs", "w") as f:
         f.write("5")

@@ -186,8 +186,9 @@ def resolve(policy: Any) -> Any:
             raise ConfigError(f"policy={policy!r} is not a built-in policy; allowed values: "
                               f"{', '.join(sorted(BUILTIN))}, or a callable(NodeFacts) -> Vote | None")
         return BUILTIN[policy]()
-    raise ConfigError(f"policy={policy!r} of type {type(policy).__name__} is neither a name "
-                      f"({', '.join(sorted(BUILTIN))}) nor a callable(NodeFacts) -> Vote | None")
+    raise ConfigError(f"policy={policy!r} of type {type(policy).__name__} is not a policy; "
+                      f"allowed values: {', '.join(sorted(BUILTIN))}, or a "
+                      f"callable(NodeFacts) -> Vote | None")
 
 
 def checked_vote(policy: Any, facts) -> Vote | None:

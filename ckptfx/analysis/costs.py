@@ -65,14 +65,30 @@ def _arg_vals(node: fx.Node) -> tuple[tuple, dict]:
     return pytree.tree_map(val, (node.args, node.kwargs))
 
 
+def _largest_numel(v: Any, hints: SizeHints) -> int:
+    best = 0
+    for leaf in pytree.tree_leaves(v):
+        if isinstance(leaf, torch.Tensor):
+            n = 1
+            for d in hints.concrete_shape(leaf):
+                n *= d
+            best = max(best, n)
+    return best
+
+
 def node_flops(node: fx.Node, hints: SizeHints) -> int:
-    """FLOPs of one call_function node by ``torch.utils.flop_counter``'s registry (0 if none)."""
+    """FLOPs of one call_function node.
+
+    Ops with a formula in ``torch.utils.flop_counter``'s registry (matmul, convolution,
+    attention) use it. Other ops (pointwise, reductions, which the registry leaves out) count
+    one FLOP per element of their largest tensor argument or result: a documented estimate.
+    """
     target = node.target
     packet = getattr(target, "overloadpacket", None)
     registry = compat.flop_registry()
     fn = registry.get(packet) or registry.get(target)
     if fn is None:
-        return 0
+        return _largest_numel((_arg_vals(node), node.meta.get("val")), hints)
     args, kwargs = pytree.tree_map(lambda v: _meta_like(v, hints), _arg_vals(node))
     out = pytree.tree_map(lambda v: _meta_like(v, hints), node.meta.get("val"))
     try:
@@ -104,5 +120,6 @@ def node_cost(node: fx.Node, hints: SizeHints, machine: Machine = DEFAULT_MACHIN
         return NodeCost(0, 0, 0.0)
     flops = node_flops(node, hints)
     moved = _tensor_bytes(_arg_vals(node), hints) + _tensor_bytes(node.meta.get("val"), hints)
+    # pointwise work is memory-bound: its FLOPs do not enter the compute roof
     seconds = max(flops / machine.peak_flops, moved / machine.bandwidth) + machine.launch_s
     return NodeCost(flops, moved, seconds)

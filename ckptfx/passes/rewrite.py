@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ckptfx import _torch_compat as compat
-from ckptfx.joint import JointGraph
+from ckptfx.joint import JointGraph, Role
 from ckptfx.plan import RematPlan
 
 META_KEY = "ckptfx.recompute"  # node.meta key marking recomputed nodes in the backward
@@ -37,18 +37,36 @@ def _is_movable(node: fx.Node, fw_computable: frozenset[str]) -> bool:
     return (node.op == "call_function" and node.name in fw_computable and not node.is_impure())
 
 
+def _dead_forward_copies(bw: fx.GraphModule, forward: frozenset[str]) -> set[fx.Node]:
+    """Copies of forward nodes in the backward that nothing uses.
+
+    AOTAutograd's extractor copies every node whose inputs are available; fx's dead-code
+    elimination keeps impure ones (random ops), which would redo the forward's work and
+    advance the RNG a second time. A forward node is computed by the forward; its unused
+    copy in the backward is always removable, whatever its purity.
+    """
+    dead: set[fx.Node] = set()
+    for node in reversed(bw.graph.nodes):
+        if node.op == "call_function" and node.name in forward and all(u in dead for u in node.users):
+            dead.add(node)
+    return dead
+
+
 def place_just_in_time(bw: fx.GraphModule, fw_computable: frozenset[str],
-                       recomputed: frozenset[str]) -> fx.GraphModule:
+                       recomputed: frozenset[str], forward: frozenset[str] = frozenset()
+                       ) -> fx.GraphModule:
     """Re-emits ``bw`` with tangent-independent nodes just before their first use.
 
     Args:
         bw: the backward GraphModule.
         fw_computable: names (joint-graph names) of nodes that depend on no tangent.
         recomputed: names of recomputed forward nodes (marked ``meta["ckptfx.recompute"]``).
+        forward: names of the joint graph's forward nodes; unused copies of them are dropped.
 
     Returns:
         A new GraphModule computing the same values in the new order.
     """
+    dead = _dead_forward_copies(bw, forward)
     new = fx.Graph()
     new._codegen = bw.graph._codegen
     env: dict[fx.Node, fx.Node] = {}
@@ -71,8 +89,8 @@ def place_just_in_time(bw: fx.GraphModule, fw_computable: frozenset[str],
                     stack.append((p, False))
 
     for node in bw.graph.nodes:
-        if _is_movable(node, fw_computable) and node.users:
-            continue  # emitted on demand by its first user
+        if node in dead or (_is_movable(node, fw_computable) and node.users):
+            continue  # dropped, or emitted on demand by its first user
         emit(node)
     new.lint()
     return fx.GraphModule(bw, new)
@@ -94,6 +112,7 @@ def apply_plan(joint: JointGraph, plan: RematPlan) -> tuple[fx.GraphModule, fx.G
     from ckptfx.passes.verify import verify
 
     fw, bw = split(joint, plan)
-    bw = place_just_in_time(bw, joint.fw_computable, frozenset(plan.recomputed))
+    forward = frozenset(n.name for n in joint.nodes_with(Role.FORWARD))
+    bw = place_just_in_time(bw, joint.fw_computable, frozenset(plan.recomputed), forward)
     verify(joint, plan, fw, bw)
     return fw, bw
