@@ -68,7 +68,6 @@ def collect_votes(table: NodeTable, config: RematConfig) -> dict[str, Vote]:
 def build_problem(joint: JointGraph, table: NodeTable, votes: dict[str, Vote],
                   config: RematConfig) -> SolveProblem:
     """Describes the forward-computable part of the joint graph as a SolveProblem."""
-    ban_expensive = config.effective_solver == "mincut" and not config.recompute_expensive
     bw_outputs = _backward_output_names(joint)
     candidates = [n for n in joint.graph.nodes
                   if n.name in joint.fw_computable and n.op in ("placeholder", "call_function")]
@@ -80,9 +79,6 @@ def build_problem(joint: JointGraph, table: NodeTable, votes: dict[str, Vote],
         is_input = row.role is Role.PRIMAL
         reason = row.ban_reason
         can_recompute = not is_input and not reason
-        if can_recompute and ban_expensive and row.compute_intensive:
-            can_recompute = False
-            reason = "compute-intensive op (min-cut saves it; recompute_expensive=True allows)"
         force = None
         prefer = 0.0
         if vote is not None:
@@ -108,6 +104,7 @@ def build_problem(joint: JointGraph, table: NodeTable, votes: dict[str, Vote],
             needed_by_backward=needed,
             can_save=row.is_tensor or row.is_sym,
             can_recompute=can_recompute,
+            expensive=row.compute_intensive,
             force=force,
             prefer=prefer,
             reason=reason,
@@ -232,6 +229,8 @@ def plan(joint: JointGraph, config: RematConfig | None = None) -> Planned:
 def _solver_kwargs(name: str, config: RematConfig) -> dict[str, Any]:
     if name == "uniform":
         return {"layers_per_checkpoint": config.layers_per_checkpoint}
+    if name == "mincut":
+        return {"recompute_expensive": config.recompute_expensive}
     return {}
 
 

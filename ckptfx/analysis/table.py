@@ -134,9 +134,23 @@ def _side_effect(node: fx.Node) -> str:
     return f"unknown callable {target!r}"
 
 
+_DROPOUT_ARGS = ("dropout_p", "p")
+
+
 def _is_random(node: fx.Node) -> bool:
+    """Draws random numbers: tagged ``nondeterministic_seeded``, unless its dropout
+    probability argument is a literal 0 (SDPA and dropout ops carry the tag either way)."""
     tags = getattr(node.target, "tags", ())
-    return torch.Tag.nondeterministic_seeded in tags
+    if torch.Tag.nondeterministic_seeded not in tags:
+        return False
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return True
+    for i, arg in enumerate(schema.arguments):
+        if arg.name in _DROPOUT_ARGS:
+            value = node.kwargs.get(arg.name, node.args[i] if i < len(node.args) else arg.default_value)
+            return not (isinstance(value, (int, float)) and value == 0)
+    return True
 
 
 def _is_collective(node: fx.Node) -> bool:

@@ -50,6 +50,8 @@ class ProblemNode:
         needed_by_backward: a backward node reads it.
         can_save: False for values that cannot be returned as saved tensors (tuples).
         can_recompute: False for random ops, side effects, collectives and the like.
+        expensive: a compute-bound op (matmul, convolution, attention); the min-cut does not
+            recompute these unless asked to or a policy says MUST_RECOMPUTE.
         force: a hard constraint from a policy: ``"save"`` or ``"recompute"``, or None.
         prefer: a soft bias in seconds of recompute cost: positive favours saving this node,
             negative favours recomputing it. Solvers that optimise cost add it to the
@@ -66,6 +68,7 @@ class ProblemNode:
     needed_by_backward: bool = False
     can_save: bool = True
     can_recompute: bool = True
+    expensive: bool = False
     force: Force | None = None
     prefer: float = 0.0
     reason: str = ""

@@ -8,8 +8,9 @@ backward needs (sink side); the cut ``n.in -> n.out`` edges are the saved values
 
 Constraint edges, each with its reason (kept so an impossible cut can explain itself):
 
-* ``source -> n.in``: n is a primal, may not be recomputed (random, side effect, collective,
-  compute-intensive under the min-cut's rule), or a policy says MUST_SAVE.
+* ``source -> n.in``: n is a primal, may not be recomputed (random, side effect, collective),
+  is compute-intensive (unless ``recompute_expensive`` or a MUST_RECOMPUTE vote), or a
+  policy says MUST_SAVE.
 * ``n.out -> sink``: a backward node reads n.
 * ``n.in -> n.out`` infinite: n cannot be saved (a tuple), or a policy says MUST_RECOMPUTE.
 
@@ -39,17 +40,19 @@ def _weight(node: ProblemNode) -> float:
     return w
 
 
-def _source_reason(node: ProblemNode) -> str | None:
+def _source_reason(node: ProblemNode, recompute_expensive: bool) -> str | None:
     if node.is_input:
         return "graph input"
     if node.force == SAVE:
         return node.reason or "MUST_SAVE"
     if node.in_forward and not node.can_recompute:
         return node.reason or "may not be recomputed"
+    if node.in_forward and node.expensive and not recompute_expensive and node.force != RECOMPUTE:
+        return "compute-intensive op (the min-cut saves it; recompute_expensive=True allows)"
     return None
 
 
-def build_flow_graph(problem: SolveProblem):
+def build_flow_graph(problem: SolveProblem, recompute_expensive: bool = False):
     """The flow network of the construction above (a ``networkx.DiGraph``).
 
     Infinite edges have no ``capacity`` attribute (networkx's convention) and carry
@@ -66,7 +69,7 @@ def build_flow_graph(problem: SolveProblem):
             g.add_edge(a, b, capacity=int(round(_weight(node))) * scale + (n - i))
         else:
             g.add_edge(a, b, reason=node.reason or ("MUST_RECOMPUTE" if node.force else "cannot be saved"))
-        why = _source_reason(node)
+        why = _source_reason(node, recompute_expensive)
         if why is not None:
             g.add_edge(SOURCE, a, reason=why)
         if node.needed_by_backward:
@@ -107,6 +110,9 @@ def _label(x) -> str:
 class MinCutSolver:
     """Least saved bytes subject to the constraint edges; ignores the budget.
 
+    Args:
+        recompute_expensive: let the cut recompute compute-bound (``expensive``) nodes.
+
     Raises:
         UnsupportedGraphError: the constraints admit no finite cut (e.g. a node that must be
             recomputed depends on a random op); the message is the offending path.
@@ -114,12 +120,15 @@ class MinCutSolver:
 
     name = "mincut"
 
+    def __init__(self, recompute_expensive: bool = False) -> None:
+        self.recompute_expensive = recompute_expensive
+
     def solve(self, problem: SolveProblem) -> Solution:
         import networkx as nx
 
         if not any(n.needed_by_backward for n in problem.nodes):
             return Solution(saved=(), objective=0.0, notes=("backward reads no forward value",))
-        g = build_flow_graph(problem)
+        g = build_flow_graph(problem, self.recompute_expensive)
         try:
             _, (reachable, _) = nx.minimum_cut(g, SOURCE, SINK)
         except nx.NetworkXUnbounded:
