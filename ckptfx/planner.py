@@ -209,7 +209,7 @@ def plan(joint: JointGraph, config: RematConfig | None = None) -> Planned:
     """Like :func:`plan_remat`, returning every artifact (table, votes, problem) too."""
     config = config or RematConfig()
     hints = size_hints(joint, config)
-    table = build_table(joint, hints)
+    table = build_table(joint, hints, cost_model=config.cost_model)
     votes = collect_votes(table, config)
     problem = build_problem(joint, table, votes, config)
     full = sum(problem.by_name()[s].nbytes for s in no_remat_saved(problem))

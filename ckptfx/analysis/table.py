@@ -183,13 +183,16 @@ def _ban_reason(node: fx.Node, random: bool, side: str, collective: bool) -> str
     return ""
 
 
-def build_table(joint: JointGraph, hints: SizeHints, machine: Machine = DEFAULT_MACHINE) -> NodeTable:
+def build_table(joint: JointGraph, hints: SizeHints, machine: Machine = DEFAULT_MACHINE,
+                cost_model: str = "roofline") -> NodeTable:
     """Reads the facts of every node of the joint graph.
 
     Args:
         joint: the joint graph (every node should carry ``meta["val"]``).
         hints: evaluates symbolic sizes for FLOPs and costs.
         machine: roofline constants.
+        cost_model: ``"roofline"``, or ``"profile"`` to time forward-computable ops on this
+            machine (``ckptfx.analysis.profile``; roofline where an op cannot be timed).
 
     Returns:
         A NodeTable with one row per node except the output node.
@@ -206,6 +209,12 @@ def build_table(joint: JointGraph, hints: SizeHints, machine: Machine = DEFAULT_
             side = ""
         collective = node.op == "call_function" and _is_collective(node)
         cost = node_cost(node, hints, machine, is_view=is_view)
+        if cost_model == "profile" and cost.seconds > 0 and node.name in joint.fw_computable:
+            from ckptfx.analysis.profile import profile_node
+
+            measured = profile_node(node, hints)
+            if measured is not None:
+                cost = dataclasses.replace(cost, seconds=measured)
         path, types = _module_info(node)
         packet = getattr(node.target, "overloadpacket", None)
         rows.append(NodeFacts(

@@ -68,7 +68,7 @@ def apply_plan(joint: JointGraph, plan, config: RematConfig | None = None, graph
     start = time.perf_counter()
     config = config or RematConfig()
     fw, bw = rewrite(joint, plan)
-    table = build_table(joint, size_hints(joint, config))
+    table = build_table(joint, size_hints(joint, config), cost_model=config.cost_model)
     elapsed = time.perf_counter() - start
     return fw, bw, build_report(graph_id, plan, table, elapsed,
                                 predicted_peak=predict_peak(fw, bw, joint))
