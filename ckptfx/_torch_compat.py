@@ -142,7 +142,10 @@ def symbol_hints(shape_env) -> dict[Any, int]:
     """Backed hints of every symbol a ShapeEnv knows: sympy.Symbol -> int."""
     if shape_env is None:
         return {}
-    return {sym: int(val) for sym, val in shape_env.var_to_val.items()}
+    values = getattr(shape_env, "backed_var_to_val", None)
+    if values is None:
+        values = shape_env.var_to_val
+    return {sym: int(val) for sym, val in values.items()}
 
 
 def inductor_partitioner_base():

@@ -1,11 +1,429 @@
-"""Liveness-based peak-memory simulation of forward+backward graphs (placeholder API).
+"""Liveness-based peak-memory simulation of the emitted forward and backward graphs.
 
-``predict_peak(fw, bw, joint)`` returns the simulated peak bytes of one training step, or
-None when it cannot be computed.
+``simulate(fw, bw)`` replays one training step (forward, then backward, in AOTAutograd's
+calling convention) over storages and returns a :class:`MemoryTimeline`: the bytes live at
+every step, the peak and its node, the bytes kept for the backward. ``predict_peak`` is the
+peak alone, as the report shows it.
+
+Call tree::
+
+    simulate(fw, bw, hints)
+    ├── saved_inputs(fw, bw)         backward placeholder -> forward output it receives
+    ├── _storages(fw, ...)           storages each node references / allocates  (aliasing)
+    │   └── _alias_sources(node)     schema alias info, else fake-storage identity
+    ├── _replay(fw, ...)             allocate at the node, free after the last alias use
+    ├── _storages(bw, ...)           saved placeholders reuse the forward's storages
+    └── _replay(bw, ...)
+
+Example:
+    >>> import torch, ckptfx
+    >>> from ckptfx.memory import simulate
+    >>> x = torch.randn(64, 64, requires_grad=True)
+    >>> joint = ckptfx.trace_joint(lambda x: x.sin().sin().sum(), x)
+    >>> fw, bw, _ = ckptfx.apply_plan(joint, ckptfx.plan_remat(joint))
+    >>> t = simulate(fw, bw)
+    >>> (t.peak_bytes, t.peak_graph, t.saved_bytes)  # x is a primal: kept, not counted
+    (49156, 'backward', 0)
+
+Note [Memory model]
+    One step runs the forward graph, then the backward graph. Bytes are counted per
+    *storage*, in the order the graphs' nodes run:
+
+    * Graph inputs (primals: parameters, buffers and the batch; RNG seeds; ``get_attr``
+      constants) are resident before and after the step and are not counted; neither is a
+      view of one, nor a saved value that aliases one.
+    * A ``call_function`` output is allocated when its node runs (all outputs of a
+      multi-output op at once) and freed right after its last use in its graph; a node with
+      no user frees its outputs right after it runs. ``live_bytes`` of a step is the bytes
+      live while the node runs: its inputs and its new outputs.
+    * Aliases share their base's storage: views (the op schema's alias annotation, e.g.
+      ``t(Tensor(a) self) -> Tensor(a)``), ``getitem`` of a multi-output node, ops whose
+      output is written in place (``copy_(Tensor(a!) self, ...) -> Tensor(a!)``: mutations
+      allocate nothing) and ops whose fake output shares its input's storage although the
+      schema says nothing (``_unsafe_view``). A storage is counted once, alive until the last
+      use of any alias, and a tuple-valued node keeps every item alive until its last
+      ``getitem``.
+    * Forward outputs: user outputs (the loss) stay alive to the end of the step (the caller
+      holds them); saved tensors stay alive until their last use in the backward.
+    * Tangents are allocated when the backward starts and freed after their last use. An
+      input the backward never reads is freed when it starts (FX code keeps it to the end).
+    * Backward outputs (gradients) stay alive to the end of the step.
+    * Sizes are the fake tensors' storage sizes (``meta["val"]``), falling back to
+      ``numel * itemsize`` (:func:`ckptfx.analysis.sizes.tensor_bytes`); symbolic sizes are
+      evaluated with :class:`SizeHints`. SymInts live on the host and count 0 bytes.
+
+    This is what executes when the inner compiler's code takes its inputs boxed and drops
+    each value after its last use (Inductor, or FX code with the boxed calling convention):
+    ``tests/test_memory.py`` measures it exactly. Not modelled: allocator rounding and
+    caching, kernel workspaces (scratch memory inside one op), Inductor's buffer reuse and
+    fusion (fused intermediates never materialise), and FX code with positional arguments,
+    which keeps every input alive until it returns.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import operator
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
 
-def predict_peak(fw, bw, joint=None):
-    return None
+import sympy
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from ckptfx import _torch_compat as compat
+from ckptfx.analysis.sizes import SizeHints, tensor_bytes
+from ckptfx.errors import UnsupportedGraphError
+
+log = logging.getLogger("ckptfx.memory")
+
+FORWARD = "forward"
+BACKWARD = "backward"
+
+_Key = tuple[str, str, int]  # (graph, allocating node, output index): one storage
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryStep:
+    """One step of the simulation.
+
+    Attributes:
+        graph: ``"forward"`` or ``"backward"``.
+        node: the node running (a ``call_function`` node, or a tangent placeholder).
+        live_bytes: bytes live while it runs (its inputs and its new outputs), bytes.
+    """
+
+    graph: str
+    node: str
+    live_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryTimeline:
+    """The simulated memory of one training step (see Note [Memory model]).
+
+    Attributes:
+        steps: every step of the forward, then of the backward.
+        peak_bytes: the largest ``live_bytes``, bytes (0 for graphs that allocate nothing).
+        peak_graph: the graph of the first step at the peak (``""`` without steps).
+        peak_node: the node of the first step at the peak (``""`` without steps).
+        saved_bytes: bytes of the storages kept from the forward for the backward (saved
+            tensors, counted once per storage; primals and SymInts count 0), bytes.
+        boundary_bytes: bytes live between the forward and the backward (saved tensors and
+            user outputs), bytes.
+    """
+
+    steps: tuple[MemoryStep, ...]
+    peak_bytes: int
+    peak_graph: str
+    peak_node: str
+    saved_bytes: int
+    boundary_bytes: int
+
+    def peak_of(self, graph: str) -> MemoryStep | None:
+        """The first step at the peak of ``graph`` (``"forward"``/``"backward"``), or None."""
+        steps = [s for s in self.steps if s.graph == graph]
+        return max(steps, key=lambda s: s.live_bytes, default=None)
+
+    def live_at(self, graph: str, node: str) -> int:
+        """``live_bytes`` of the step running ``node`` in ``graph``.
+
+        Raises:
+            KeyError: no step ran that node.
+        """
+        for s in self.steps:
+            if s.graph == graph and s.node == node:
+                return s.live_bytes
+        raise KeyError(f"no step runs {graph} node {node!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Storages:
+    """The storages of one graph: which each node references, which it allocates, sizes.
+
+    ``refs[node][j]`` is the storage of the node's j-th output (None: not a tensor).
+    """
+
+    refs: Mapping[fx.Node, tuple[_Key | None, ...]]
+    created: Mapping[fx.Node, tuple[_Key, ...]]
+    nbytes: Mapping[_Key, int]  # bytes per storage; 0 for graph inputs (not counted)
+
+
+def _leaves(val: Any) -> list[Any]:
+    return list(val) if isinstance(val, (list, tuple)) else [val]
+
+
+def _storage_nbytes(val: torch.Tensor, hints: SizeHints) -> int:
+    """Bytes of the storage a fresh output ``val`` (a fake tensor) allocates."""
+    try:
+        nbytes = val.untyped_storage().nbytes()
+    except (AttributeError, RuntimeError, NotImplementedError, TypeError):
+        return hints.evaluate(tensor_bytes(val))
+    if isinstance(nbytes, torch.SymInt):
+        return hints.evaluate(sympy.sympify(nbytes.node.expr))
+    return int(nbytes)
+
+
+def _same_storage(a: Any, b: Any) -> bool:
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return False
+    try:
+        return a.untyped_storage() is b.untyped_storage()
+    except (AttributeError, RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def _schema_sources(node: fx.Node, n_out: int) -> list[fx.Node | None]:
+    """Per output, the argument it aliases according to the op schema, or None."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.returns:
+        return [None] * n_out
+    values = list(node.args) + [node.kwargs.get(a.name) for a in
+                                schema.arguments[len(node.args):]]
+    annotated = [(a.alias_info, v) for a, v in zip(schema.arguments, values)
+                 if a.alias_info is not None and isinstance(v, fx.Node)]
+    sources = []
+    for j in range(n_out):
+        info = schema.returns[min(j, len(schema.returns) - 1)].alias_info
+        # TorchScript's parser drops the set of ``Tensor(a)[]`` returns (split, unbind): such
+        # a return aliases the argument annotated ``Tensor(a -> *)``.
+        sources.append(None if info is None else next(
+            (v for a, v in annotated if set(a.before_set) & set(info.before_set)
+             or (not info.before_set and "*" in set(a.after_set))), None))
+    return sources
+
+
+def _alias_sources(node: fx.Node) -> list[fx.Node | None]:
+    """Per output of a call node, the input node whose storage it shares, or None (fresh)."""
+    outs = _leaves(node.meta.get("val"))
+    sources = _schema_sources(node, len(outs))
+    inputs = node.all_input_nodes
+    for j, out in enumerate(outs):
+        if sources[j] is None:
+            sources[j] = next((p for p in inputs if _same_storage(out, p.meta.get("val"))), None)
+    return sources
+
+
+def _call_refs(node: fx.Node, refs: Mapping[fx.Node, tuple[_Key | None, ...]], tag: str,
+               hints: SizeHints, nbytes: dict[_Key, int]) -> tuple[tuple[_Key | None, ...],
+                                                                  tuple[_Key, ...]]:
+    """(storage per output, storages allocated) of one call_function node."""
+    val = node.meta.get("val")
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        parent, idx = refs[node.args[0]], node.args[1]
+        if isinstance(idx, int) and -len(parent) <= idx < len(parent):
+            return (parent[idx],), ()
+        return (None,), ()
+    own: list[_Key | None] = []
+    created = []
+    for j, (out, src) in enumerate(zip(_leaves(val), _alias_sources(node))):
+        src_keys = [k for k in refs.get(src, ()) if k is not None] if src is not None else []
+        if not isinstance(out, torch.Tensor) or src_keys:
+            own.append(src_keys[0] if src_keys and isinstance(out, torch.Tensor) else None)
+            continue
+        key = (tag, node.name, j)
+        nbytes[key] = _storage_nbytes(out, hints)
+        own.append(key)
+        created.append(key)
+    return tuple(own), tuple(created)
+
+
+def _storages(gm: fx.GraphModule, tag: str, inputs: Mapping[str, tuple[_Key, ...]],
+              hints: SizeHints) -> _Storages:
+    """Finds the storages of ``gm`` (see Note [Memory model]).
+
+    Args:
+        gm: the graph.
+        tag: ``"forward"`` or ``"backward"`` (names the storages it allocates).
+        inputs: placeholder name -> storages it receives from the other graph (saved values).
+            A tangent placeholder allocates a storage; any other is a resident input.
+        hints: evaluates symbolic sizes.
+    """
+    refs: dict[fx.Node, tuple[_Key | None, ...]] = {}
+    created: dict[fx.Node, tuple[_Key, ...]] = {}
+    nbytes: dict[_Key, int] = {}
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and node.name in inputs:
+            refs[node] = inputs[node.name]
+        elif node.op in ("placeholder", "get_attr"):
+            if not isinstance(val, torch.Tensor):
+                refs[node] = (None,)
+                continue
+            key = (tag, node.name, 0)
+            counted = node.op == "placeholder" and compat.is_tangent(node)
+            nbytes[key] = _storage_nbytes(val, hints) if counted else 0
+            refs[node], created[node] = (key,), ((key,) if counted else ())
+        elif node.op == "call_function":
+            refs[node], created[node] = _call_refs(node, refs, tag, hints, nbytes)
+        elif node.op != "output":
+            raise UnsupportedGraphError(
+                f"memory simulation: node {node.name!r} has op {node.op!r}; only placeholder, "
+                f"get_attr, call_function and output are supported (inline submodules first)")
+    return _Storages(refs, created, nbytes)
+
+
+def _lifetimes(gm: fx.GraphModule, st: _Storages) -> tuple[dict[_Key, int], set[_Key]]:
+    """(storage -> index of the node after which it dies, storages the output returns)."""
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    last: dict[_Key, int] = {}
+    returned: set[_Key] = set()
+    for node in nodes:
+        if node.op == "output":
+            continue
+        end = order[node]
+        for user in node.users:
+            if user.op == "output":
+                returned.update(k for k in st.refs[node] if k is not None)
+            else:
+                end = max(end, order[user])
+        for key in st.refs[node]:
+            if key is not None:
+                last[key] = max(last.get(key, -1), end)
+    return last, returned
+
+
+def _replay(gm: fx.GraphModule, tag: str, st: _Storages, nbytes: Mapping[_Key, int],
+            live: int, keep: set[_Key]) -> tuple[list[MemoryStep], int]:
+    """Runs the liveness of one graph from ``live`` bytes; returns (steps, live at its end).
+
+    ``nbytes`` covers this graph's storages and those it receives; storages in ``keep`` or
+    returned by the graph are never freed here.
+    """
+    last, returned = _lifetimes(gm, st)
+    frees: dict[int, list[_Key]] = defaultdict(list)
+    for key, idx in last.items():
+        if key not in returned and key not in keep:
+            frees[idx].append(key)
+    steps = []
+    for i, node in enumerate(gm.graph.nodes):
+        new = st.created.get(node, ())
+        live += sum(nbytes[k] for k in new)
+        if node.op == "call_function" or new:
+            steps.append(MemoryStep(tag, node.name, live))
+        live -= sum(nbytes[k] for k in frees.get(i, ()))
+    return steps, live
+
+
+def _is_sym(node: Any) -> bool:
+    return not (isinstance(node, fx.Node) and isinstance(node.meta.get("val"), torch.Tensor))
+
+
+def _is_saved_input(node: fx.Node) -> bool:
+    return not (compat.is_tangent(node) or compat.is_bwd_seed_offset(node)
+                or compat.is_backward_state(node))
+
+
+def saved_inputs(fw: fx.GraphModule, bw: fx.GraphModule) -> tuple[list[Any], dict[str, fx.Node]]:
+    """Splits the forward's outputs into user outputs and saved values.
+
+    AOTAutograd's convention: the forward returns the user outputs, then the saved tensors,
+    then the saved SymInts; the backward takes the saved SymInts, the saved tensors, then the
+    tangents (and RNG seeds). The extractor names each backward placeholder after the
+    forward node it receives; positions (tensors and SymInts apart) are the fallback.
+
+    Returns:
+        (user outputs: forward output leaves, backward placeholder name -> forward node).
+
+    Raises:
+        UnsupportedGraphError: the two graphs do not follow that convention.
+    """
+    outs = pytree.arg_tree_leaves(*fw.graph.find_nodes(op="output")[0].args)
+    saved = [p for p in bw.graph.find_nodes(op="placeholder") if _is_saved_input(p)]
+    n_user = len(outs) - len(saved)
+    tail = outs[max(n_user, 0):]
+    by_name = {x.name: x for x in tail if isinstance(x, fx.Node)}
+    if n_user >= 0 and all(p.name in by_name for p in saved):
+        return outs[:n_user], {p.name: by_name[p.name] for p in saved}
+    fw_order = sorted(tail, key=_is_sym)  # stable: tensors, then SymInts, in graph order
+    bw_order = sorted(saved, key=_is_sym)
+    if n_user < 0 or [_is_sym(x) for x in fw_order] != [_is_sym(p) for p in bw_order]:
+        raise UnsupportedGraphError(
+            f"memory simulation: the forward's last {len(saved)} outputs {tail} do not match "
+            f"the backward's saved inputs {[p.name for p in saved]}; pass the forward and "
+            f"backward of one AOTAutograd partition")
+    return outs[:n_user], {p.name: x for p, x in zip(bw_order, fw_order)}
+
+
+def missing_vals(gm: fx.GraphModule) -> list[str]:
+    """Names of the nodes of ``gm`` without ``meta["val"]`` (the simulation needs them)."""
+    return [n.name for n in gm.graph.nodes if n.op != "output" and "val" not in n.meta]
+
+
+def _refs_of(nodes: list[Any], refs: Mapping[fx.Node, tuple[_Key | None, ...]]) -> set[_Key]:
+    return {k for n in nodes if isinstance(n, fx.Node) for k in refs[n] if k is not None}
+
+
+def simulate(fw: fx.GraphModule, bw: fx.GraphModule,
+             hints: SizeHints | None = None) -> MemoryTimeline:
+    """Simulates the live bytes of one step: ``fw``, then ``bw`` (Note [Memory model]).
+
+    Args:
+        fw: the forward GraphModule (placeholders: primals; outputs: user outputs, saved
+            tensors, saved SymInts), with fake-tensor ``meta["val"]`` on every node.
+        bw: the backward GraphModule (placeholders: saved SymInts, saved tensors, tangents;
+            outputs: gradients of the primals, None for those without one).
+        hints: values of size symbols (default: the backed hints of the graphs' ShapeEnv;
+            a symbol without one uses ``SizeHints.unbacked_default``, with a warning).
+
+    Returns:
+        The MemoryTimeline; its byte counts exclude the resident primals.
+
+    Raises:
+        UnsupportedGraphError: a node lacks ``meta["val"]`` (trace with fake tensors, e.g.
+            AOTAutograd or ``FakeTensorProp``), the graphs do not pair up, or a graph holds
+            ``call_module``/``call_method`` nodes.
+    """
+    for name, gm in ((FORWARD, fw), (BACKWARD, bw)):
+        missing = missing_vals(gm)
+        if missing:
+            raise UnsupportedGraphError(
+                f"memory simulation: {name} nodes {missing[:5]} have no meta['val']; trace the "
+                f"graphs with fake tensors (AOTAutograd, FakeTensorProp) before simulating")
+    if hints is None:
+        shape_env = compat.shape_env_of(fw.graph) or compat.shape_env_of(bw.graph)
+        hints = SizeHints(compat.symbol_hints(shape_env))
+    user, saved = saved_inputs(fw, bw)
+    fw_st = _storages(fw, FORWARD, {}, hints)
+    fw_steps, boundary = _replay(fw, FORWARD, fw_st, fw_st.nbytes, 0, set())
+    bw_st = _storages(bw, BACKWARD, {p: fw_st.refs[n] for p, n in saved.items()}, hints)
+    nbytes = {**fw_st.nbytes, **bw_st.nbytes}
+    bw_steps, _ = _replay(bw, BACKWARD, bw_st, nbytes, boundary, _refs_of(user, fw_st.refs))
+    steps = tuple(fw_steps + bw_steps)
+    peak = max(steps, key=lambda s: s.live_bytes, default=MemoryStep("", "", 0))
+    kept = _refs_of(list(saved.values()), fw_st.refs)
+    return MemoryTimeline(
+        steps=steps, peak_bytes=peak.live_bytes, peak_graph=peak.graph, peak_node=peak.node,
+        saved_bytes=sum(nbytes[k] for k in kept), boundary_bytes=boundary)
+
+
+def predict_peak(fw: fx.GraphModule, bw: fx.GraphModule, joint: Any = None,
+                 hints: SizeHints | None = None) -> int | None:
+    """The simulated peak bytes of one step (see :func:`simulate`), primals excluded.
+
+    Args:
+        fw: the forward GraphModule.
+        bw: the backward GraphModule.
+        joint: the JointGraph they came from; supplies the size hints when ``hints`` is None
+            (``ckptfx.planner.size_hints(joint, RematConfig())``).
+        hints: values of size symbols; overrides ``joint``'s.
+
+    Returns:
+        Peak bytes, or None when a node of either graph lacks ``meta["val"]``.
+
+    Raises:
+        UnsupportedGraphError: the graphs do not pair up (see :func:`saved_inputs`).
+    """
+    if missing_vals(fw) or missing_vals(bw):
+        log.debug("ckptfx: no memory prediction: nodes without meta['val']")
+        return None
+    if hints is None and joint is not None:
+        from ckptfx.config import RematConfig
+        from ckptfx.planner import size_hints
+
+        hints = size_hints(joint, RematConfig())
+    return simulate(fw, bw, hints).peak_bytes
