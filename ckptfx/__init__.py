@@ -17,6 +17,7 @@ Importing ckptfx imports torch but not torch._dynamo, torch._inductor, networkx 
 from ckptfx import errors, policies
 from ckptfx.backend import CkptBackend
 from ckptfx.config import MemoryBudget, RematConfig
+from ckptfx.frontier import FrontierRow, pareto
 from ckptfx.errors import (
     CkptfxError,
     ConfigError,
@@ -35,7 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CkptBackend", "CkptfxError", "ConfigError", "Decision", "InfeasibleBudgetError",
-    "JointGraph", "MemoryBudget", "PlanValidationError", "RematConfig", "RematPlan",
-    "RematReport", "Role", "UnsupportedGraphError", "apply_plan", "errors", "partition_fn",
+    "FrontierRow", "JointGraph", "MemoryBudget", "PlanValidationError", "RematConfig", "RematPlan",
+    "RematReport", "Role", "UnsupportedGraphError", "apply_plan", "errors", "pareto", "partition_fn",
     "passes", "plan_remat", "policies", "trace_joint",
 ]

@@ -67,14 +67,18 @@ def is_opaque_node(node: fx.Node) -> bool:
 
 
 def prepare_joint(joint_module: fx.GraphModule) -> None:
-    """Runs AOTAutograd's own pre-partition steps that stamp must-save tags in place.
+    """Runs AOTAutograd's own pre-partition steps in place, as its min-cut partitioner does.
 
-    Collectives, effectful ops and the sources of backward mutations get
+    Duplicate pure ops are merged (``ckptfx.passes.cse``, PyTorch's partitioner runs its own
+    CSE here); collectives, effectful ops and the sources of backward mutations get
     ``meta["recompute"] = MUST_SAVE``; checkpoint tags are normalised.
     """
+    from ckptfx.passes.cse import merge_duplicates
+
     p = partitioners()
     joint_module.graph.eliminate_dead_code()
     joint_module.recompile()
+    merge_duplicates(joint_module)
     if p.has_recomputable_ops(joint_module):
         p.cleanup_recompute_tags(joint_module, is_default_partition=False)
     p.force_save_collectives(joint_module)
@@ -114,6 +118,69 @@ def torch_min_cut_partition(joint_module, joint_inputs, **kwargs):
     from functorch.compile import min_cut_rematerialization_partition
 
     return min_cut_rematerialization_partition(joint_module, joint_inputs, **kwargs)
+
+
+def torch_safe_partition(joint_module, joint_inputs, **kwargs):
+    """PyTorch's min-cut partitioner at ``activation_memory_budget=1.0``: the fallback.
+
+    Below budget 1.0 PyTorch's partitioner may recompute random ops with fresh randomness
+    (pytorch/pytorch#190758); at 1.0 its min-cut bans them. The caller checks the result
+    anyway (``ckptfx.passes.partition``).
+    """
+    import torch._functorch.config as functorch_config
+
+    with functorch_config.patch(activation_memory_budget=1.0):
+        return torch_min_cut_partition(joint_module, joint_inputs, **kwargs)
+
+
+def torch_default_partition(joint_module, joint_inputs, **kwargs):
+    """PyTorch's default partitioner: saves what the backward reads, recomputes nothing but
+    views and sizes. The last resort of the fallback."""
+    from functorch.compile import default_partition
+
+    kwargs.pop("compiler", None)
+    return default_partition(joint_module, joint_inputs, **kwargs)
+
+
+def unbacked_symbols_defined_by(node: fx.Node) -> tuple[str, ...]:
+    """Names of the data-dependent (unbacked) size symbols a node defines.
+
+    ``.item()``, ``nonzero()`` and the ``sym_size`` that binds the size of their results
+    define such symbols; AOTAutograd hands them to the backward as saved SymInts, and a
+    recomputation in the backward would define them a second time.
+    """
+    from torch.fx.experimental.symbolic_shapes import is_symbol_binding_fx_node
+
+    names = {str(s) for s in (node.meta.get("unbacked_bindings") or {})}
+    if node.op != "placeholder":
+        sym = is_symbol_binding_fx_node(node)
+        if sym is not None:
+            names.add(str(sym))
+    return tuple(sorted(names))
+
+
+_HUGE = 2 ** 62  # bounds at or above this are the ShapeEnv's stand-ins for "unbounded"
+
+
+def unbacked_upper_bounds(shape_env) -> dict[Any, int | None]:
+    """Every unbacked symbol of a ShapeEnv -> its proven upper bound, or None if unbounded.
+
+    Bounds come from the ShapeEnv's value ranges: ``nonzero()`` of an ``n``-element tensor is
+    at most ``n``; ``torch._check(k <= 32)`` bounds ``k`` by 32.
+    """
+    if shape_env is None:
+        return {}
+    import sympy
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    bounds: dict[Any, int | None] = {}
+    for sym, vr in shape_env.var_to_range.items():
+        if not free_unbacked_symbols(sym):
+            continue
+        upper = vr.upper
+        finite = isinstance(upper, (int, sympy.Integer)) and not isinstance(upper, bool)
+        bounds[sym] = int(upper) if finite and 0 <= int(upper) < _HUGE else None
+    return bounds
 
 
 def checkpoint_policy_enum():

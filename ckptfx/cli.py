@@ -1,9 +1,10 @@
-"""The ``ckptfx`` command: ``ckptfx demo`` and ``ckptfx report``.
+"""The ``ckptfx`` command: ``ckptfx demo``, ``ckptfx report`` and ``ckptfx frontier``.
 
 ``ckptfx demo`` trains the built-in small GPT under ``backend="ckpt"`` and torch.compile's
 default and prints a table; it exits 1 when the gradients differ from eager's.
 ``ckptfx report`` plans the same model and prints what is saved, what is recomputed and why,
-optionally drawing a plot.
+optionally drawing a plot. ``ckptfx frontier`` sweeps memory budgets (saved bytes, predicted
+peak, extra FLOPs per budget).
 """
 
 from __future__ import annotations
@@ -82,6 +83,28 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_frontier(args) -> int:
+    import torch
+
+    import ckptfx
+    from ckptfx.demo import TinyGPT
+    from ckptfx.frontier import format_frontier, plot_frontier
+
+    cfg = _cfg(args)
+    torch.manual_seed(0)
+    model = TinyGPT(cfg)
+    ids = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq))
+    joint = ckptfx.trace_joint(model, ids)
+    budgets = [_budget_value(b) for b in args.budgets.split(",")]
+    rows = ckptfx.pareto(joint, budgets, ckptfx.RematConfig.from_options(
+        {"solver": args.solver or "budget", **({"policy": args.policy} if args.policy else {})}))
+    print(format_frontier(rows))
+    if args.plot:
+        plot_frontier(rows, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ckptfx", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,12 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     report = sub.add_parser("report", help="plan the built-in GPT and print the report")
     _model_args(report)
     report.add_argument("--plot", default=None, help="write a PNG plot to this path")
+    frontier = sub.add_parser("frontier", help="sweep memory budgets over the built-in GPT")
+    _model_args(frontier)
+    frontier.add_argument("--budgets", default="1.0,0.8,0.6,0.4,0.2,0.0",
+                          help="comma-separated memory_budget values")
+    frontier.add_argument("--plot", default=None, help="write a PNG plot to this path")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     from ckptfx.errors import CkptfxError
 
     try:
-        return {"demo": cmd_demo, "report": cmd_report}[args.command](args)
+        return {"demo": cmd_demo, "report": cmd_report,
+                "frontier": cmd_frontier}[args.command](args)
     except CkptfxError as exc:
         print(f"ckptfx: {exc}", file=sys.stderr)
         return 2

@@ -132,8 +132,10 @@ class RematConfig:
             (matmul, convolution, attention). Off by default: PyTorch's choice too.
         layers_per_checkpoint: k of the uniform policy/solver; None means round(sqrt(n)).
         time_limit_s: wall-clock limit of exact solvers, seconds (> 0).
-        unbacked_size_hint: the size assumed for an unbacked SymInt (a data-dependent size
-            with no hint), elements. Every use is logged; see ``Note [Unbacked sizes]``.
+        unbacked_size_hint: the size assumed for an unbacked SymInt (a data-dependent size)
+            that the ShapeEnv cannot bound, elements; a bounded one takes its upper bound.
+            Every choice is logged and noted in the report; see ``Note [Unbacked sizes]``
+            in ``ckptfx/analysis/sizes.py``.
     """
 
     memory_budget: MemoryBudget | None = None

@@ -4,7 +4,8 @@ Roles (see :class:`Role`):
 
 * ``primal``: a forward input (parameter, buffer or user input), placeholder ``primals_*``.
 * ``tangent``: a backward input (gradient of a forward output), placeholder ``tangents_*``.
-* ``forward``: computed by the forward graph (an ancestor of a forward output).
+* ``forward``: computed by the forward graph (an ancestor of a forward output, or of an
+  input mutation the forward must run: a ``copy_`` epilogue).
 * ``backward``: everything else the backward graph computes (reads a tangent, or depends
   only on primals but only the backward needs it).
 * ``output``: the joint graph's output node.
@@ -136,7 +137,11 @@ def classify(graph: fx.Graph, num_fwd_outputs: int) -> tuple[dict[str, Role], fr
                 or compat.is_backward_state(p)]
     bw_seeds += [n for n in graph.nodes if n.op != "placeholder" and compat.must_be_in_backward(n)]
     tangent_dependent = _descendants(bw_seeds)
-    forward = _ancestors(forward_outputs(graph, num_fwd_outputs)) - tangent_dependent
+    # Input and buffer mutations (copy_ epilogues: BatchNorm's running statistics) have no
+    # users, but the forward runs them, once: they and what they copy are forward nodes.
+    epilogues = [n for n in graph.nodes if n.op == "call_function"
+                 and n not in tangent_dependent and compat.must_be_in_forward(n)]
+    forward = _ancestors(forward_outputs(graph, num_fwd_outputs) + epilogues) - tangent_dependent
     roles: dict[str, Role] = {}
     for n in graph.nodes:
         if n.op == "output":

@@ -50,6 +50,7 @@ class RematPlan:
         lower_bound: proven lower bound on the objective, or None.
         solve_time_s: seconds spent in the solver.
         notes: free-form facts for the report.
+        predicted_peak_bytes: the simulated peak the plan was chosen for (peak budgets), bytes.
     """
 
     saved: tuple[str, ...]
@@ -65,6 +66,7 @@ class RematPlan:
     solve_time_s: float = 0.0
     notes: tuple[str, ...] = ()
     fallback: str = ""
+    predicted_peak_bytes: int | None = None
 
     def validate(self, problem: SolveProblem) -> None:
         """Checks the plan against its problem (see Note [Validity of a saved set]).

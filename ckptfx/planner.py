@@ -7,7 +7,9 @@ Call tree (each step a small function, tested alone)::
     ├── build_table(joint, hints)        NodeFacts per node             (analysis/table.py)
     ├── collect_votes(table, config)     Vote per node from policies    (policies.py)
     ├── build_problem(joint, table, votes, config)  SolveProblem        (plain data)
+    │   └── find_blocks(table)           repeated blocks -> layers      (analysis/layers.py)
     ├── resolve budget                   fraction of no_remat_bytes(problem), or bytes
+    ├── select_solver(config)            name + options; a structural policy picks its own
     ├── solver.solve(problem)            Solution                       (solvers/)
     └── to_plan(problem, solution)       RematPlan, validated           (plan.py)
 """
@@ -20,13 +22,22 @@ import time
 from typing import Any
 
 from ckptfx import _torch_compat as compat
+from ckptfx.analysis.layers import find_blocks
 from ckptfx.analysis.sizes import SizeHints
 from ckptfx.analysis.table import NodeTable, build_table
 from ckptfx.config import RematConfig
 from ckptfx.errors import InfeasibleBudgetError
 from ckptfx.joint import JointGraph, Role
 from ckptfx.plan import BACKWARD, FORWARD_ONLY, RECOMPUTE, SAVE, Decision, RematPlan
-from ckptfx.policies import Vote, VoteKind, checked_vote, first_of, resolve, respect_checkpoint_tags
+from ckptfx.policies import (
+    Vote,
+    VoteKind,
+    checked_vote,
+    resolve,
+    respect_checkpoint_tags,
+    solver_request,
+    strongest,
+)
 from ckptfx.solvers import registry
 from ckptfx.solvers.base import ProblemNode, SolveProblem, Solution, needed_closure
 
@@ -46,28 +57,71 @@ class Planned:
 def size_hints(joint: JointGraph, config: RematConfig) -> SizeHints:
     """SizeHints from the joint graph's ShapeEnv (empty for static shapes)."""
     shape_env = compat.shape_env_of(joint.graph)
-    return SizeHints(compat.symbol_hints(shape_env), config.unbacked_size_hint)
+    return SizeHints.from_shape_env(shape_env, config.unbacked_size_hint)
+
+
+def size_notes(table: NodeTable) -> tuple[str, ...]:
+    """The data-dependent sizes this graph's byte counts assumed (Note [Unbacked sizes] in
+    ``ckptfx.analysis.sizes``), logged once as a warning; () when there are none."""
+    symbols = {str(s) for row in table.rows for s in getattr(row.nbytes, "free_symbols", ())}
+    note = table.hints.describe(symbols)
+    if not note:
+        return ()
+    log.warning("ckptfx: %s; the plan is valid for every value, only its cost assumes these",
+                note)
+    return (note,)
 
 
 def collect_votes(table: NodeTable, config: RematConfig) -> dict[str, Vote]:
-    """Runs the policy chain on every forward-computable call node.
+    """Runs the policy chain on every forward call node (``Role.FORWARD``).
 
-    The model's own ``torch.utils.checkpoint`` tags vote first; the configured policy after.
+    Backward-native nodes get no vote: they are computed in the backward by nature, and a
+    MUST_SAVE there (``save_ops(aten.sin)`` matching the ``sin`` of ``cos``'s derivative)
+    would move backward work into the forward and save it.
+
+    The model's own ``torch.utils.checkpoint`` tags and the configured policy are combined
+    with :class:`ckptfx.policies.strongest`: a MUST vote beats a PREFER vote, and between
+    votes of equal strength the model's tag wins. So a user's ``save_ops`` still saves inside
+    a plain checkpoint region (tagged PREFER_RECOMPUTE), and never overrides a MUST tag.
     """
     user = resolve(config.policy)
-    policy = first_of(respect_checkpoint_tags(), *([user] if user is not None else []))
+    policy = strongest(respect_checkpoint_tags(), *([user] if user is not None else []))
     votes = {}
     for row in table.rows:
-        if row.fw_computable and row.target is not None:
+        if row.role is Role.FORWARD and row.target is not None:
             vote = checked_vote(policy, row)
             if vote is not None:
                 votes[row.name] = vote
     return votes
 
 
+def alias_votes(joint: JointGraph, table: NodeTable, votes: dict[str, Vote]) -> dict[str, Vote]:
+    """Extends recompute votes to the views of the voted nodes that have no vote of their own.
+
+    A view (``view``, ``expand``, ``getitem``; or a backward-native ``detach``/``t`` of a
+    forward value) aliases its base: saving it keeps the very same memory, so a MUST_ or
+    PREFER_RECOMPUTE vote on the base covers it too (else a solver optimising recompute
+    cost under a budget could keep the value by another name).
+
+    Returns:
+        A new dict: ``votes`` plus the inherited votes (reason ``"alias of <base>: ..."``).
+    """
+    out = dict(votes)
+    for node in joint.graph.nodes:
+        row = table[node.name] if node.op != "output" else None
+        if row is None or node.name in out or not row.fw_computable or not row.is_view:
+            continue
+        base = next((p.name for p in node.all_input_nodes if p.name in out), None)
+        if base is not None and out[base].kind in (VoteKind.MUST_RECOMPUTE,
+                                                   VoteKind.PREFER_RECOMPUTE):
+            out[node.name] = Vote(out[base].kind, f"alias of {base}: {out[base].reason}")
+    return out
+
+
 def build_problem(joint: JointGraph, table: NodeTable, votes: dict[str, Vote],
                   config: RematConfig) -> SolveProblem:
     """Describes the forward-computable part of the joint graph as a SolveProblem."""
+    votes = alias_votes(joint, table, votes)
     bw_outputs = _backward_output_names(joint)
     candidates = [n for n in joint.graph.nodes
                   if n.name in joint.fw_computable and n.op in ("placeholder", "call_function")]
@@ -90,6 +144,9 @@ def build_problem(joint: JointGraph, table: NodeTable, votes: dict[str, Vote],
             else:
                 bias = 10.0 * row.cost_s + 1e-6
                 prefer = bias if vote.kind is VoteKind.PREFER_SAVE else -bias
+        elif row.widens:  # save the low-precision value, not its upcast copy too
+            prefer = -(10.0 * row.cost_s + 1e-6)
+            reason = reason or f"upcast of {row.widens}: cheaper to save the narrower value"
         needed = node.name in bw_outputs or any(
             u.op != "output" and u.name not in joint.fw_computable for u in node.users)
         in_forward = row.role in (Role.FORWARD, Role.PRIMAL)
@@ -109,8 +166,9 @@ def build_problem(joint: JointGraph, table: NodeTable, votes: dict[str, Vote],
             prefer=prefer,
             reason=reason,
         ))
+    layers = tuple(tuple(n for n in block.nodes if n in names) for block in find_blocks(table))
     return SolveProblem(nodes=tuple(nodes), budget_kind=config.budget_kind,
-                        time_limit_s=float(config.time_limit_s))
+                        time_limit_s=float(config.time_limit_s), layers=layers)
 
 
 def _backward_output_names(joint: JointGraph) -> set[str]:
@@ -141,6 +199,16 @@ def no_remat_saved(problem: SolveProblem) -> tuple[str, ...]:
     return tuple(n.name for n in problem.nodes if n.name in saved)
 
 
+def _policy_reason(node: ProblemNode, action: str, solver_reason: str) -> str:
+    """The reason of a decision: a policy's own where its MUST vote decided, the solver's
+    (noting the preference) where a PREFER vote agreed, else the solver's."""
+    if node.force == action:
+        return node.reason or solver_reason
+    if node.prefer and (node.prefer > 0) == (action == SAVE) and node.reason:
+        return f"{solver_reason} (preferred: {node.reason})"
+    return solver_reason
+
+
 def to_plan(problem: SolveProblem, solution: Solution, solver: str, solve_time_s: float,
             no_remat_bytes: int = 0) -> RematPlan:
     """Turns a Solution into a validated RematPlan with a decision for every candidate."""
@@ -151,10 +219,11 @@ def to_plan(problem: SolveProblem, solution: Solution, solver: str, solve_time_s
     decisions = {}
     for node in problem.nodes:
         if node.name in saved:
-            decisions[node.name] = Decision(SAVE, reasons.get(node.name, f"{solver}: saved"),
-                                            node.nbytes)
+            why = _policy_reason(node, SAVE, reasons.get(node.name, f"{solver}: saved"))
+            decisions[node.name] = Decision(SAVE, why, node.nbytes)
         elif node.name in recomputed and node.in_forward:
-            decisions[node.name] = Decision(RECOMPUTE, reasons.get(node.name, f"{solver}: recomputed"))
+            why = reasons.get(node.name, f"{solver}: recomputed")
+            decisions[node.name] = Decision(RECOMPUTE, _policy_reason(node, RECOMPUTE, why))
         elif node.name in recomputed:
             decisions[node.name] = Decision(BACKWARD, "computed in the backward only")
         else:
@@ -210,35 +279,93 @@ def plan(joint: JointGraph, config: RematConfig | None = None) -> Planned:
     config = config or RematConfig()
     hints = size_hints(joint, config)
     table = build_table(joint, hints, cost_model=config.cost_model)
+    notes = size_notes(table)
     votes = collect_votes(table, config)
     problem = build_problem(joint, table, votes, config)
     full = sum(problem.by_name()[s].nbytes for s in no_remat_saved(problem))
-    if config.memory_budget is not None:
-        problem = dataclasses.replace(problem, budget_bytes=config.memory_budget.resolve(full))
-    solver_name = config.effective_solver
-    solver = registry.get(solver_name, **_solver_kwargs(solver_name, config))
+    solver_name, kwargs = select_solver(config)
+    solver = registry.get(solver_name, **kwargs)
     start = time.perf_counter()
-    solution = solver.solve(problem)
+    peak = None
+    budget = config.memory_budget
+    if budget is not None and config.budget_kind == "peak":
+        from ckptfx.peak_budget import solve_for_peak
+
+        solution, peak, target = solve_for_peak(
+            joint, problem, solver, budget.fraction, budget.nbytes, full,
+            lambda p, s: to_plan(p, s, solver_name, 0.0, full))
+        problem = dataclasses.replace(problem, budget_bytes=target)
+    else:
+        if budget is not None:
+            problem = dataclasses.replace(problem, budget_bytes=saved_budget(problem, budget, full))
+        solution = solver.solve(problem)
     elapsed = time.perf_counter() - start
     remat_plan = to_plan(problem, solution, solver_name, elapsed, full)
+    if notes:
+        remat_plan = dataclasses.replace(remat_plan, notes=remat_plan.notes + notes)
+    if peak is not None:
+        remat_plan = dataclasses.replace(remat_plan, predicted_peak_bytes=peak)
     if not remat_plan.feasible:
         _infeasible(remat_plan, config)
     return Planned(remat_plan, problem, table, votes)
 
 
+def least_saved_bytes(problem: SolveProblem) -> int:
+    """The fewest bytes any valid plan saves (min-cut with every recomputable node allowed)."""
+    from ckptfx.solvers.mincut import MinCutSolver
+
+    solution = MinCutSolver(recompute_expensive=True).solve(problem)
+    by_name = problem.by_name()
+    return sum(by_name[s].nbytes for s in solution.saved)
+
+
+def saved_budget(problem: SolveProblem, budget, full: int) -> int:
+    """A saved-bytes budget in bytes: ``fraction * full`` (fraction 0 = the least achievable,
+    :func:`least_saved_bytes`) or absolute bytes."""
+    if budget.fraction == 0:
+        return least_saved_bytes(problem)
+    return budget.resolve(full)
+
+
+def select_solver(config: RematConfig) -> tuple[str, dict[str, Any]]:
+    """The solver to run and its options.
+
+    A structural policy (``policy="uniform"``; see Note [Structural policies] in
+    :mod:`ckptfx.policies`) selects its own solver, which wraps the configured one: with
+    ``solver="auto"`` (or the policy's own solver) the wrapped solver is min-cut, or the
+    budget solver under ``memory_budget``; any other ``solver=`` names it. The policy's
+    options (``uniform(layers_per_checkpoint=k)``) override the config's.
+
+    Returns:
+        (registry name, keyword options).
+    """
+    request = solver_request(config.policy)
+    if request is None:
+        name = config.effective_solver
+        return name, _solver_kwargs(name, config)
+    name, options = request
+    inner = None if config.solver in ("auto", name) else config.solver
+    return name, {**_solver_kwargs(name, config), **options, "inner": inner}
+
+
 def _solver_kwargs(name: str, config: RematConfig) -> dict[str, Any]:
     if name == "uniform":
-        return {"layers_per_checkpoint": config.layers_per_checkpoint}
+        return {"layers_per_checkpoint": config.layers_per_checkpoint,
+                "recompute_expensive": config.recompute_expensive}
     if name == "mincut":
         return {"recompute_expensive": config.recompute_expensive}
     return {}
 
 
 def _infeasible(plan: RematPlan, config: RematConfig) -> None:
+    if config.budget_kind == "peak":
+        figure, what = plan.predicted_peak_bytes or 0, "has a simulated peak of"
+    else:
+        figure, what = plan.saved_bytes, "keeps"
     msg = (f"memory_budget={config.memory_budget} ({plan.budget_bytes} B, kind "
-           f"{config.budget_kind!r}) cannot be met; the closest plan keeps {plan.saved_bytes} B "
-           f"saved. Raise the budget to at least that, or allow more recomputation")
+           f"{config.budget_kind!r}) cannot be met; the closest plan {what} {figure} B. Raise "
+           f"the budget to at least that, or allow more recomputation (solver, policy)")
     if config.strict:
         raise InfeasibleBudgetError(msg, budget_bytes=plan.budget_bytes or 0,
-                                    smallest_bytes=plan.saved_bytes)
+                                    smallest_bytes=figure)
     log.warning("ckptfx: %s (strict=False: using the closest plan)", msg)

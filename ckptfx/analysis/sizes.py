@@ -8,10 +8,21 @@ size symbols. Sizes stay symbolic through analysis; the solver boundary evaluate
 Note [Unbacked sizes]
     A backed symbol (a dynamic input size) has a hint: the value Dynamo saw when it
     compiled; a plan made for the hint is valid for every size (validity does not depend on
-    sizes, only optimality does). An unbacked symbol (a data-dependent size such as the
-    length of ``nonzero()``) has no hint. ckptfx then substitutes
-    ``RematConfig.unbacked_size_hint`` elements for it, logs a warning naming the symbol once
-    per graph, and records the substitution in the report; it never substitutes silently.
+    sizes, only optimality does). An unbacked symbol (a data-dependent size: the length of
+    ``nonzero()``, a size read with ``.item()``) has no hint. The rule, applied once per
+    graph by :meth:`SizeHints.from_shape_env`:
+
+    1. its upper bound, when the ShapeEnv has proved a finite one (``nonzero()`` of an
+       ``n``-element tensor is at most ``n``; ``torch._check(k <= 32)`` bounds ``k``): byte
+       counts are then worst cases, so a plan that meets an absolute budget meets it for
+       every value the size takes;
+    2. otherwise ``RematConfig.unbacked_size_hint`` elements (default 4096).
+
+    Validity never depends on the value chosen, only which plan is cheapest. Every choice is
+    logged once per graph (one warning naming each symbol, its value and the rule) and
+    recorded in the plan's and the report's ``notes``; nothing is substituted silently.
+    Nodes that define an unbacked symbol are never recomputed (see
+    ``ckptfx.analysis.table``): the backward receives the symbol as a saved SymInt.
 """
 
 from __future__ import annotations
@@ -58,20 +69,47 @@ class SizeHints:
     """Concrete values for size symbols: the one explicit way sympy sizes become ints.
 
     Attributes:
-        values: sympy.Symbol -> int for every backed symbol.
+        values: sympy.Symbol -> int for every backed symbol, and for the unbacked ones
+            resolved by :meth:`from_shape_env`.
         unbacked_default: elements assumed for a symbol without a value (see
             Note [Unbacked sizes]).
+        assumed: ``(symbol, elements, rule)`` for every unbacked symbol given a value, sorted
+            by symbol name (what the notes and the warning report).
     """
 
     values: dict[sympy.Symbol, int] = dataclasses.field(default_factory=dict)
     unbacked_default: int = 4096
+    assumed: tuple[tuple[str, int, str], ...] = ()
+
+    @classmethod
+    def from_shape_env(cls, shape_env: Any, unbacked_default: int = 4096) -> "SizeHints":
+        """Backed hints of a ShapeEnv plus its unbacked symbols resolved by the rule of
+        Note [Unbacked sizes]. ``shape_env`` None (static shapes) gives empty hints."""
+        from ckptfx import _torch_compat as compat
+
+        values = dict(compat.symbol_hints(shape_env))
+        assumed = []
+        for sym, upper in compat.unbacked_upper_bounds(shape_env).items():
+            if sym in values:
+                continue
+            if upper is not None:
+                values[sym], rule = upper, f"its upper bound {upper} (ShapeEnv)"
+            else:
+                values[sym] = unbacked_default
+                rule = f"no upper bound: RematConfig.unbacked_size_hint={unbacked_default}"
+            assumed.append((str(sym), values[sym], rule))
+        return cls(values, unbacked_default, tuple(sorted(assumed)))
 
     def __hash__(self) -> int:  # dict field: hash on sorted items
         return hash((tuple(sorted((str(k), v) for k, v in self.values.items())),
                      self.unbacked_default))
 
     def evaluate(self, expr: sympy.Expr | int) -> int:
-        """Evaluates a size expression to an int, substituting unbacked symbols (logged)."""
+        """Evaluates a size expression to an int.
+
+        A symbol without a value (one :meth:`from_shape_env` did not see) gets
+        ``unbacked_default`` elements, with one warning per symbol per SizeHints.
+        """
         if isinstance(expr, int):
             return expr
         expr = sympy.sympify(expr)
@@ -82,10 +120,23 @@ class SizeHints:
             if sym in self.values:
                 subs[sym] = self.values[sym]
             else:
-                log.warning("ckptfx: unbacked size symbol %s has no hint; assuming %d elements "
-                            "(RematConfig.unbacked_size_hint)", sym, self.unbacked_default)
+                self._warn_once(sym)
                 subs[sym] = self.unbacked_default
         return int(sympy.Integer(expr.xreplace(subs)))
+
+    def _warn_once(self, sym: sympy.Symbol) -> None:
+        warned = self.__dict__.setdefault("_warned", set())
+        if sym not in warned:
+            warned.add(sym)
+            log.warning("ckptfx: size symbol %s has no hint; assuming %d elements "
+                        "(RematConfig.unbacked_size_hint)", sym, self.unbacked_default)
+
+    def describe(self, symbols: set[str] | None = None) -> str:
+        """One line naming each assumed unbacked symbol (those in ``symbols``, if given),
+        its value and its rule; "" when there is none."""
+        parts = [f"{name} = {value} elements ({rule})" for name, value, rule in self.assumed
+                 if symbols is None or name in symbols]
+        return ("data-dependent sizes assumed: " + "; ".join(parts)) if parts else ""
 
     def unbacked_in(self, expr: sympy.Expr) -> set[sympy.Symbol]:
         """Symbols of ``expr`` that have no hint."""

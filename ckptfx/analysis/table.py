@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from ckptfx import _torch_compat as compat
 from ckptfx.analysis.costs import DEFAULT_MACHINE, Machine, node_cost
-from ckptfx.analysis.sizes import SizeHints, value_bytes
+from ckptfx.analysis.sizes import SizeHints, tensor_bytes, value_bytes
 from ckptfx.joint import JointGraph, Role
 
 aten = torch.ops.aten
@@ -55,7 +55,9 @@ class NodeFacts:
         module_path: the ``nn_module_stack`` path of the module that produced it ("" if none).
         module_types: the module classes along that path, outermost first.
         checkpoint_tag: ``meta["recompute"]`` (a torch.utils.checkpoint.CheckpointPolicy) or None.
-        ban_reason: why it may not be recomputed ("" if it may).
+        ban_reason: why it may not be recomputed ("" if it may; see :func:`recompute_ban`).
+        widens: the name of the narrower floating-point value this node upcasts losslessly
+            (a bf16 -> fp32 ``_to_copy``), "" if it is no such cast.
     """
 
     name: str
@@ -76,6 +78,7 @@ class NodeFacts:
     module_types: tuple[str, ...]
     checkpoint_tag: Any
     ban_reason: str
+    widens: str = ""
 
     @property
     def op_name(self) -> str:
@@ -119,7 +122,7 @@ def _side_effect(node: fx.Node) -> str:
     if isinstance(target, torch._ops.OpOverload):
         if target._schema.is_mutable:
             return f"{target} mutates its input"
-        if node.is_impure():
+        if node.is_impure(impure_random=False):  # randomness is is_random's call (dropout_p=0)
             return f"{target} is impure"
         return ""
     if target is operator.getitem or getattr(target, "__module__", "") in (
@@ -134,12 +137,23 @@ def _side_effect(node: fx.Node) -> str:
     return f"unknown callable {target!r}"
 
 
+# Note [Random ops]
+#     A random op draws from the generator's state, which the forward has advanced by the
+#     time the backward runs: recomputing it draws a different mask. So every random op is
+#     banned from recomputation (recompute_ban), in every solver, policy and budget; a policy
+#     that demands it (MUST_RECOMPUTE) makes the plan infeasible and the safety net falls back,
+#     to a partition that does not recompute it either. Inductor (fallback_random=False)
+#     rewrites random ops into ``inductor_seeds`` (random: banned, so its few bytes are saved)
+#     and ``inductor_random(seed)`` (deterministic in its seed): recomputing the latter replays
+#     the forward's mask exactly. The invariants checker (passes/verify.py) applies the same
+#     predicate to the emitted backward. Tests: tests/test_robustness.py.
 _DROPOUT_ARGS = ("dropout_p", "p")
 
 
-def _is_random(node: fx.Node) -> bool:
+def is_random(node: fx.Node) -> bool:
     """Draws random numbers: tagged ``nondeterministic_seeded``, unless its dropout
-    probability argument is a literal 0 (SDPA and dropout ops carry the tag either way)."""
+    probability argument is a literal 0 (SDPA and dropout ops carry the tag either way).
+    See Note [Random ops]."""
     tags = getattr(node.target, "tags", ())
     if torch.Tag.nondeterministic_seeded not in tags:
         return False
@@ -151,6 +165,32 @@ def _is_random(node: fx.Node) -> bool:
             value = node.kwargs.get(arg.name, node.args[i] if i < len(node.args) else arg.default_value)
             return not (isinstance(value, (int, float)) and value == 0)
     return True
+
+
+_CASTS = frozenset({aten._to_copy, aten.to, torch.ops.prims.convert_element_type})
+
+
+def _widens(node: fx.Node) -> str:
+    """The name of the narrower float value ``node`` casts up to a wider float, or "".
+
+    Under autocast or with bf16 parameters, an fp32 copy of a bf16 value (RMSNorm's
+    ``x.float()``) is often a candidate next to its source; saving the copy costs twice the
+    bytes of the source for the price of one cheap cast. The planner turns this fact into a
+    preference to recompute the cast (``ckptfx.planner.build_problem``).
+    """
+    if getattr(node.target, "overloadpacket", None) not in _CASTS or not node.args:
+        return ""
+    src = node.args[0]
+    val = node.meta.get("val")
+    src_val = src.meta.get("val") if isinstance(src, fx.Node) else None
+    if not (isinstance(val, torch.Tensor) and isinstance(src_val, torch.Tensor)):
+        return ""
+    widened = (val.is_floating_point() and src_val.is_floating_point()
+               and val.element_size() > src_val.element_size() and val.device == src_val.device
+               # sympy (structural) comparison: comparing SymInts would add guards
+               and tensor_bytes(val) / val.element_size()
+               == tensor_bytes(src_val) / src_val.element_size())
+    return src.name if widened else ""
 
 
 def _is_collective(node: fx.Node) -> bool:
@@ -168,6 +208,22 @@ def _module_info(node: fx.Node) -> tuple[str, tuple[str, ...]]:
     return path, types
 
 
+def _flags(node: fx.Node) -> tuple[bool, str, bool]:
+    """(is random, side effect or "", is collective) of a node."""
+    if node.op != "call_function":
+        return False, "", False
+    return is_random(node), _side_effect(node), _is_collective(node)
+
+
+def recompute_ban(node: fx.Node) -> str:
+    """Why ``node`` may never be recomputed in the backward ("" if it may).
+
+    The one predicate behind ``NodeFacts.ban_reason`` and the invariants checker
+    (``ckptfx.passes.verify``), so the two never disagree on what is random or effectful.
+    """
+    return _ban_reason(node, *_flags(node))
+
+
 def _ban_reason(node: fx.Node, random: bool, side: str, collective: bool) -> str:
     if node.op == "placeholder":
         return "graph input"
@@ -177,6 +233,10 @@ def _ban_reason(node: fx.Node, random: bool, side: str, collective: bool) -> str
         return "collective (never recomputed: every rank must issue it once)"
     if side:
         return side
+    defined = compat.unbacked_symbols_defined_by(node)
+    if defined:
+        return (f"defines the data-dependent size {', '.join(defined)} (the backward receives "
+                f"it as a saved SymInt; recomputing would define it again and sync the host)")
     tag = node.meta.get("recompute")
     if tag is not None and "MUST_SAVE" in str(tag):
         return "tagged MUST_SAVE"
@@ -203,11 +263,7 @@ def build_table(joint: JointGraph, hints: SizeHints, machine: Machine = DEFAULT_
             continue
         val = node.meta.get("val")
         is_view = node.op == "call_function" and _is_view(node)
-        random = node.op == "call_function" and _is_random(node)
-        side = _side_effect(node) if node.op == "call_function" else ""
-        if node.op == "get_attr":
-            side = ""
-        collective = node.op == "call_function" and _is_collective(node)
+        random, side, collective = _flags(node)
         cost = node_cost(node, hints, machine, is_view=is_view)
         if cost_model == "profile" and cost.seconds > 0 and node.name in joint.fw_computable:
             from ckptfx.analysis.profile import profile_node
@@ -236,5 +292,6 @@ def build_table(joint: JointGraph, hints: SizeHints, machine: Machine = DEFAULT_
             module_types=types,
             checkpoint_tag=node.meta.get("recompute"),
             ban_reason=_ban_reason(node, random, side, collective),
+            widens=_widens(node),
         ))
     return NodeTable(tuple(rows), hints)

@@ -38,7 +38,7 @@ def partition_joint(joint: JointGraph, config: RematConfig, graph_id: int = 0,
     planned = plan(joint, config)
     fw, bw = apply_plan(joint, planned.plan)
     elapsed = time.perf_counter() - start
-    peak = _safe_peak(fw, bw, joint)
+    peak = _safe_peak(fw, bw, joint, planned.table.hints)
     report = build_report(graph_id, planned.plan, planned.table, elapsed, predicted_peak=peak)
     return (fw, bw, report, planned.plan) if return_plan else (fw, bw, report)
 
@@ -69,19 +69,54 @@ def apply_plan(joint: JointGraph, plan, config: RematConfig | None = None, graph
     table = build_table(joint, size_hints(joint, config), cost_model=config.cost_model)
     elapsed = time.perf_counter() - start
     return fw, bw, build_report(graph_id, plan, table, elapsed,
-                                predicted_peak=_safe_peak(fw, bw, joint))
+                                predicted_peak=_safe_peak(fw, bw, joint, table.hints))
 
 
-def _safe_peak(fw, bw, joint) -> int | None:
-    """The simulated peak for the report; a simulation failure never fails the partition."""
+def _safe_peak(fw, bw, joint, hints=None) -> int | None:
+    """The simulated peak for the report (under the plan's size hints, so data-dependent
+    sizes get the values the plan assumed); a simulation failure never fails the partition."""
     from ckptfx.memory import predict_peak
 
     try:
-        return predict_peak(fw, bw, joint)
+        return predict_peak(fw, bw, joint, hints=hints)
     except Exception as exc:  # the report says "no prediction" instead
         log.warning("ckptfx: peak simulation failed (%s: %s); report has no predicted peak",
                     type(exc).__name__, exc)
         return None
+
+
+def fallback_partition(joint_module, joint_inputs, num_fwd_outputs: int, **kwargs):
+    """The safety net's partition: gradients exact, memory whatever it takes.
+
+    PyTorch's min-cut partitioner at ``activation_memory_budget=1.0`` (below 1.0 it may
+    recompute random ops with fresh randomness, pytorch/pytorch#190758); if its backward
+    still recomputes a node that may not be recomputed (``recompute_ban``: random, effectful,
+    collective, data-dependent size), PyTorch's default partitioner, which saves everything
+    the backward reads.
+
+    Returns:
+        (fw_module, bw_module).
+    """
+    fw, bw = compat.torch_safe_partition(
+        joint_module, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+    unsafe = unsafe_recomputations(joint_module, num_fwd_outputs, bw)
+    if unsafe:
+        log.warning("ckptfx: PyTorch's min-cut recomputes %s; using its default partitioner",
+                    ", ".join(unsafe[:8]))
+        fw, bw = compat.torch_default_partition(
+            joint_module, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+    return fw, bw
+
+
+def unsafe_recomputations(joint_module, num_fwd_outputs: int, bw) -> list[str]:
+    """Names of forward nodes of ``joint_module`` that ``bw`` computes again although
+    :func:`ckptfx.analysis.table.recompute_ban` forbids it."""
+    from ckptfx.analysis.table import recompute_ban
+    from ckptfx.joint import Role, classify
+
+    roles, _ = classify(joint_module.graph, num_fwd_outputs)
+    return [n.name for n in bw.graph.nodes if n.op == "call_function"
+            and roles.get(n.name) is Role.FORWARD and recompute_ban(n)]
 
 
 def partition_fn(config: RematConfig | None = None,
@@ -119,8 +154,7 @@ def partition_fn(config: RematConfig | None = None,
             log.warning("ckptfx: falling back to PyTorch's min-cut partitioner for graph %d: %s",
                         graph_id, cause)
             kw = {k: v for k, v in kwargs.items() if k != "compiler"}
-            fw, bw = compat.torch_min_cut_partition(
-                joint_module, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
+            fw, bw = fallback_partition(joint_module, joint_inputs, num_fwd_outputs, **kw)
             report = RematReport(graph_id=graph_id, solver="torch-fallback", fallback=cause)
         if on_report is not None:
             on_report(report)

@@ -33,8 +33,14 @@ def split(joint: JointGraph, plan: RematPlan) -> tuple[fx.GraphModule, fx.GraphM
     return compat.extract_fwd_bwd(joint.gm, saved_values, saved_sym, joint.num_fwd_outputs)
 
 
-def _is_movable(node: fx.Node, fw_computable: frozenset[str]) -> bool:
-    return (node.op == "call_function" and node.name in fw_computable and not node.is_impure())
+def is_movable(node: fx.Node, fw_computable: frozenset[str]) -> bool:
+    """A backward node that depends on no tangent and may move to just before its first use:
+    neither effectful nor random (moving a random op would reorder the RNG's draws; SDPA at
+    dropout_p=0 draws nothing and moves, see ``ckptfx.analysis.table.is_random``)."""
+    from ckptfx.analysis.table import is_random
+
+    return (node.op == "call_function" and node.name in fw_computable
+            and not node.is_impure(impure_random=False) and not is_random(node))
 
 
 def _dead_forward_copies(bw: fx.GraphModule, forward: frozenset[str]) -> set[fx.Node]:
@@ -89,7 +95,7 @@ def place_just_in_time(bw: fx.GraphModule, fw_computable: frozenset[str],
                     stack.append((p, False))
 
     for node in bw.graph.nodes:
-        if node in dead or (_is_movable(node, fw_computable) and node.users):
+        if node in dead or (is_movable(node, fw_computable) and node.users):
             continue  # dropped, or emitted on demand by its first user
         emit(node)
     new.lint()

@@ -4,7 +4,9 @@
 2. The forward reads no tangent and computes no tangent-dependent node.
 3. The backward's saved-tensor inputs are exactly the plan's saved tensors.
 4. The forward nodes the backward computes are exactly the plan's recomputed nodes, and none
-   of them is a random op, has side effects or is a collective.
+   of them may not be recomputed: a random op, a side effect, a collective, a node that
+   defines a data-dependent size (``ckptfx.analysis.table.recompute_ban``, the predicate the
+   planner uses too).
 5. Every recomputed node sits just before its first use: between it and its first user
    there are only other tangent-independent nodes.
 """
@@ -14,8 +16,10 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ckptfx import _torch_compat as compat
+from ckptfx.analysis.table import recompute_ban
 from ckptfx.errors import PlanValidationError
 from ckptfx.joint import JointGraph, Role
+from ckptfx.passes.rewrite import is_movable
 from ckptfx.plan import RematPlan
 
 
@@ -56,15 +60,12 @@ def verify(joint: JointGraph, plan: RematPlan, fw: fx.GraphModule, bw: fx.GraphM
     if recomputed != set(plan.recomputed):
         _fail("backward recomputes a different set than the plan",
               recomputed ^ set(plan.recomputed))
-    for name in recomputed:
-        node = by_name[name]
-        tags = getattr(node.target, "tags", ())
-        import torch
-
-        if torch.Tag.nondeterministic_seeded in tags:
-            _fail("random op recomputed in the backward", [name])
-        if node.is_impure() or compat.partitioners().is_not_collective(node) is False:
-            _fail("op with side effects or a collective recomputed in the backward", [name])
+    banned = {name: recompute_ban(by_name[name]) for name in recomputed}
+    banned = {name: why for name, why in banned.items() if why}
+    if banned:
+        _fail("recomputed in the backward although it may not be (random op, side effect, "
+              "collective, data-dependent size)",
+              [f"{name} ({why})" for name, why in sorted(banned.items())])
     _check_just_in_time(bw, joint.fw_computable)
 
 
@@ -73,8 +74,8 @@ def _check_just_in_time(bw: fx.GraphModule, fw_computable: frozenset[str]) -> No
     nodes = list(bw.graph.nodes)
     late = []
     for n in nodes:
-        if n.op != "call_function" or n.name not in fw_computable or not n.users:
-            continue
+        if not is_movable(n, fw_computable) or not n.users:
+            continue  # an effectful or random node keeps its place
         first = min(order[u] for u in n.users)
         between = nodes[order[n] + 1:first]
         if any(m.op != "call_function" or m.name not in fw_computable for m in between):

@@ -51,7 +51,7 @@ class ProblemNode:
         can_save: False for values that cannot be returned as saved tensors (tuples).
         can_recompute: False for random ops, side effects, collectives and the like.
         expensive: a compute-bound op (matmul, convolution, attention); the min-cut does not
-            recompute these unless asked to or a policy says MUST_RECOMPUTE.
+            recompute these unless asked to or a policy votes MUST_ or PREFER_RECOMPUTE.
         force: a hard constraint from a policy: ``"save"`` or ``"recompute"``, or None.
         prefer: a soft bias in seconds of recompute cost: positive favours saving this node,
             negative favours recomputing it. Solvers that optimise cost add it to the
@@ -163,7 +163,7 @@ def needed_closure(problem: SolveProblem, saved: set[str]) -> tuple[set[str], li
         node = nodes[name]
         if not node.can_save:
             violations.append(f"{name} cannot be saved ({node.reason or 'not a tensor'})")
-        if node.force == RECOMPUTE and node.in_forward:
+        if node.force == RECOMPUTE:
             violations.append(f"{name} is forced to be recomputed ({node.reason})")
     return recomputed, violations
 

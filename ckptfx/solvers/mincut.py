@@ -9,7 +9,8 @@ backward needs (sink side); the cut ``n.in -> n.out`` edges are the saved values
 Constraint edges, each with its reason (kept so an impossible cut can explain itself):
 
 * ``source -> n.in``: n is a primal, may not be recomputed (random, side effect, collective),
-  is compute-intensive (unless ``recompute_expensive`` or a MUST_RECOMPUTE vote), or a
+  is compute-intensive (unless ``recompute_expensive``, a MUST_RECOMPUTE vote, or a
+  PREFER_RECOMPUTE vote: a preference for recomputing overrides this default), or a
   policy says MUST_SAVE.
 * ``n.out -> sink``: a backward node reads n.
 * ``n.in -> n.out`` infinite: n cannot be saved (a tuple), or a policy says MUST_RECOMPUTE.
@@ -47,7 +48,8 @@ def _source_reason(node: ProblemNode, recompute_expensive: bool) -> str | None:
         return node.reason or "MUST_SAVE"
     if node.in_forward and not node.can_recompute:
         return node.reason or "may not be recomputed"
-    if node.in_forward and node.expensive and not recompute_expensive and node.force != RECOMPUTE:
+    if (node.in_forward and node.expensive and not recompute_expensive
+            and node.force != RECOMPUTE and node.prefer >= 0):
         return "compute-intensive op (the min-cut saves it; recompute_expensive=True allows)"
     return None
 

@@ -1,0 +1,123 @@
+"""Peak budgets (``budget_kind="peak"``): the least recompute whose simulated step peak fits.
+
+The budget solver is exact for a bound on *saved* bytes. A bound on the *peak* of the step
+depends on the emitted graphs' schedule, so it is met by a search over saved-bytes bounds:
+
+    1. Candidates: the budget solver's plans for SWEEP + 1 evenly spaced saved-bytes bounds
+       s in [least saved bytes, no-recompute saved bytes], plus any extra candidate plans
+       (layer-wise ones); each is applied and its peak simulated (``ckptfx.memory``).
+    2. P = the peak budget in bytes: a fraction f of the no-recompute plan's simulated peak
+       (f = 0 means the least peak among the candidates), or absolute bytes.
+    3. Bisection between the largest bound whose plan fits P and the next bound that does
+       not (more may be saved, so less recomputed).
+    4. The answer is the feasible candidate with the least recompute cost; if none fits, the
+       candidate with the least peak, reported infeasible.
+
+The peak is not monotone in s in general (a larger saved set can shorten a recompute chain's
+lifetime), which is why every candidate is simulated and the best feasible one is kept
+rather than trusting the bisection's last step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from ckptfx.solvers.base import SolveProblem, Solution, recompute_cost, saved_bytes
+
+log = logging.getLogger("ckptfx")
+
+MAX_ROUNDS = 6
+SWEEP = 6  # evenly spaced saved-bytes bounds simulated before refining
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One evaluated plan: its saved-bytes bound, solution, simulated peak and cost."""
+
+    bound: int
+    solution: Solution
+    peak: int
+    cost: float
+
+
+def _evaluate(joint, problem: SolveProblem, solver, bound: int, to_plan) -> Candidate:
+    from ckptfx.memory import predict_peak
+    from ckptfx.passes.rewrite import apply_plan
+
+    sub = dataclasses.replace(problem, budget_bytes=bound, budget_kind="saved")
+    solution = solver.solve(sub)
+    fw, bw = apply_plan(joint, to_plan(sub, solution))
+    peak = predict_peak(fw, bw, joint) or 0
+    return Candidate(bound, solution, peak, recompute_cost(problem, solution.saved))
+
+
+def solve_for_peak(joint, problem: SolveProblem, solver, fraction: float | None,
+                   peak_bytes: int | None, full_saved: int, to_plan,
+                   extra: tuple[Solution, ...] = ()) -> tuple[Solution, int, int]:
+    """Searches saved-bytes bounds for the cheapest plan whose simulated peak fits.
+
+    Args:
+        joint: the JointGraph.
+        problem: the SolveProblem (its budget fields are ignored).
+        solver: a saved-bytes solver (the budget solver).
+        fraction: the budget as a fraction of the no-recompute plan's peak (0 = the least
+            peak found), or None.
+        peak_bytes: the budget in bytes when ``fraction`` is None.
+        full_saved: bytes the no-recompute plan saves.
+        to_plan: ``(problem, solution) -> RematPlan`` (the planner's converter).
+        extra: more candidate solutions to simulate (e.g. layer-wise plans).
+
+    Returns:
+        (solution, its simulated peak in bytes, the peak budget in bytes).
+    """
+    low = _evaluate(joint, problem, solver, 0, to_plan)
+    least = saved_bytes(problem, low.solution.saved)
+    seen = [low] + [_evaluate(joint, problem, solver, least + (full_saved - least) * i // SWEEP,
+                              to_plan) for i in range(1, SWEEP + 1)]
+    top = seen[-1]
+    seen += [_evaluate_solution(joint, problem, sol, to_plan) for sol in extra]
+    if fraction is None:
+        target = int(peak_bytes)
+    elif fraction == 0:
+        target = min(c.peak for c in seen)
+    else:
+        target = int(fraction * top.peak)
+    seen += _refine(joint, problem, solver, to_plan, seen, target)
+    feasible = [c for c in seen if c.peak <= target]
+    if feasible:
+        best = min(feasible, key=lambda c: (c.cost, c.peak))
+        note = f"peak search: {len(seen)} plans simulated; peak {best.peak} B <= {target} B"
+    else:
+        best = min(seen, key=lambda c: (c.peak, c.cost))
+        note = f"peak search: {len(seen)} plans simulated; least peak {best.peak} B > {target} B"
+    solution = dataclasses.replace(best.solution, feasible=bool(feasible),
+                                   notes=best.solution.notes + (note,))
+    return solution, best.peak, target
+
+
+def _evaluate_solution(joint, problem, solution: Solution, to_plan) -> Candidate:
+    from ckptfx.memory import predict_peak
+    from ckptfx.passes.rewrite import apply_plan
+
+    fw, bw = apply_plan(joint, to_plan(problem, solution))
+    peak = predict_peak(fw, bw, joint) or 0
+    return Candidate(saved_bytes(problem, solution.saved), solution, peak,
+                     recompute_cost(problem, solution.saved))
+
+
+def _refine(joint, problem, solver, to_plan, seen: list[Candidate], target: int) -> list[Candidate]:
+    """Bisects between the largest bound that fits and the next larger one that does not."""
+    bounds = sorted({c.bound for c in seen if c.bound is not None})
+    fits = {c.bound: c.peak <= target for c in seen}
+    lo = max((b for b in bounds if fits.get(b)), default=None)
+    hi = min((b for b in bounds if lo is not None and b > lo and not fits.get(b)), default=None)
+    found = []
+    for _ in range(MAX_ROUNDS):
+        if lo is None or hi is None or hi - lo <= max(1, hi // 100):
+            break
+        mid = (lo + hi) // 2
+        cand = _evaluate(joint, problem, solver, mid, to_plan)
+        found.append(cand)
+        lo, hi = (mid, hi) if cand.peak <= target else (lo, mid)
+    return found

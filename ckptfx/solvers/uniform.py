@@ -1,0 +1,224 @@
+"""Uniform solver: checkpoint every k-th repeated block, recompute the rest (Chen et al. 2016).
+
+Chen, Xu, Zhang and Guestrin, "Training deep nets with sublinear memory cost" (2016): cut a
+stack of ``n`` blocks into segments of ``k`` blocks, keep only each segment's input from the
+forward, and recompute a segment's interior in the backward; ``k = sqrt(n)`` gives
+``O(sqrt(n))`` memory for one extra forward.
+
+Call tree::
+
+    UniformSolver.solve(problem)
+    ├── uniform_constraints(problem, k)   SolveProblem with forces added (pure data)
+    │   ├── checkpoint_values(problem, block)  what a checkpoint block keeps
+    │   │   └── boundary_outputs(problem, block)   what a block hands to the rest of the graph
+    │   └── _available(...)                     never force what could not be recomputed
+    └── inner solver (min-cut, or the budget solver with a budget) plans the rest
+
+Note [Uniform boundaries]
+    ``problem.layers`` lists the repeated blocks in forward order (from
+    :func:`ckptfx.analysis.layers.find_blocks`). The *boundary outputs* of a block are its
+    forward nodes read by some forward node outside the block: for a residual stack, the
+    residual stream it passes on (e.g. GPT-2's ``h.i`` output, ``batch x seq x hidden``).
+    Blocks ``k-1, 2k-1, ...`` (0-based; ``floor(n/k)`` of them) are *checkpoints*: their
+    boundary outputs are forced saved (``force="save"``: never recomputed; saved when the
+    backward needs them). Only those computed through one of the block's compute-intensive
+    ops count (:func:`checkpoint_values`): a value a block derives from shared inputs alone,
+    like the attention mask GPT-2's SDPA path builds in block 0 and every block reads, is
+    recomputed like the interior instead of kept (a block without compute-intensive ops keeps
+    all its boundary outputs). Every other forward node of every block is forced recomputed, and
+    so is every backward-native node computed from one (e.g. a ``detach`` of an activation
+    that only the backward reads), so no solver can save the interior by another name:
+    segment ``j`` (blocks ``jk .. jk+k-1``) is rebuilt in the backward from checkpoint
+    ``j-1``, or for ``j = 0`` from whatever the inner solver keeps of the first block's
+    input. Nodes a block holds that may not be recomputed (random ops, side effects) and
+    nodes that already carry a policy's MUST vote are left as they are. Nodes outside the
+    blocks (embeddings, the head, the loss) are planned by the inner solver.
+
+Note [Uniform saved bytes]
+    For ``n`` blocks whose boundary output is one tensor of ``b`` bytes, every checkpoint is
+    read by the backward (by the next segment's recompute, or by the head for the last
+    block), so the plan saves ``floor(n / k) * b + c`` bytes, where ``c`` is what the inner
+    solver keeps outside the blocks (the first block's input, the head's activations) and
+    does not depend on ``k``. If nothing in the graph's backward reads the last block's
+    output (the graph returns it), the last checkpoint is not saved when ``k`` divides ``n``.
+    Cases: an MLP stack ``x -> n x (x + tanh(W x)) -> linear head`` with a non-parameter
+    input ``x`` of ``b`` bytes saves ``(floor(n / k) + 1) * b`` (tests/test_uniform.py);
+    GPT-2 (6 layers, hidden 384, batch 8, seq 256: ``b`` = 3 MiB) saves ``floor(6 / k) * 3
+    MiB + 64 MiB``, the 64 MiB being the loss graph's ``batch x seq x vocab`` log-softmax
+    (bench/policies_gpt2.py). Extra compute: each block's interior is recomputed once (what
+    the backward reads and what that needs), about one forward pass of the blocks (Chen et
+    al. 2016, section 4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from ckptfx.solvers.base import RECOMPUTE, SAVE, ProblemNode, SolveProblem, Solution
+
+
+def default_k(n: int) -> int:
+    """Chen et al.'s choice, ``round(sqrt(n))`` blocks per segment (at least 1)."""
+    return max(1, int(round(math.sqrt(n))))
+
+
+def boundary_outputs(problem: SolveProblem, block: tuple[str, ...]) -> tuple[str, ...]:
+    """Names of the block's forward nodes read by a forward node outside the block.
+
+    Args:
+        problem: the problem (its nodes give the data edges).
+        block: node names of one block.
+
+    Returns:
+        The boundary outputs, in problem order (see Note [Uniform boundaries]).
+    """
+    inside = set(block)
+    read_outside: set[str] = set()
+    for node in problem.nodes:
+        if node.in_forward and node.name not in inside:
+            read_outside.update(i for i in node.inputs if i in inside)
+    return tuple(n.name for n in problem.nodes if n.name in read_outside)
+
+
+def checkpoint_values(problem: SolveProblem, block: tuple[str, ...]) -> tuple[str, ...]:
+    """The boundary outputs a checkpoint keeps: those computed through one of the block's
+    compute-intensive (``expensive``) nodes, i.e. the activation stream; all boundary outputs
+    if none is (a block of cheap ops). See Note [Uniform boundaries].
+    """
+    inside = set(block)
+    heavy: set[str] = set()
+    for node in problem.nodes:
+        if node.name in inside and (node.expensive or any(i in heavy for i in node.inputs)):
+            heavy.add(node.name)
+    outputs = boundary_outputs(problem, block)
+    return tuple(o for o in outputs if o in heavy) or outputs
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformLayout:
+    """What :func:`uniform_constraints` decided.
+
+    Attributes:
+        k: blocks per segment.
+        checkpoints: per checkpoint block, its index and the boundary outputs it keeps.
+        forced_save: names forced saved; forced_recompute: names forced recomputed.
+    """
+
+    k: int
+    checkpoints: tuple[tuple[int, tuple[str, ...]], ...]
+    forced_save: frozenset[str]
+    forced_recompute: frozenset[str]
+
+
+def _available(node: ProblemNode, forced_recompute: set[str], avail: dict[str, bool]) -> bool:
+    """Whether the backward can obtain ``node``: saved, or recomputed from obtainable inputs."""
+    if node.is_input:
+        return True
+    if node.can_save and node.force != RECOMPUTE and node.name not in forced_recompute:
+        return True
+    recomputable = node.can_recompute or not node.in_forward
+    return recomputable and node.force != SAVE and all(avail.get(i, True) for i in node.inputs)
+
+
+def uniform_constraints(problem: SolveProblem, k: int) -> tuple[SolveProblem, UniformLayout]:
+    """Adds the uniform checkpointing constraints to a problem (pure data).
+
+    Args:
+        problem: a problem with ``layers`` (blocks in forward order).
+        k: blocks per segment (>= 1).
+
+    Returns:
+        (the constrained problem, the layout): see Note [Uniform boundaries]. A node is only
+        forced recomputed when everything it reads stays obtainable in the backward, so the
+        constraints never make a feasible problem infeasible.
+    """
+    layers = problem.layers
+    checkpoints = tuple((i, checkpoint_values(problem, block)) for i, block in enumerate(layers)
+                        if (i + 1) % k == 0)
+    save = {name for _, outs in checkpoints for name in outs}
+    in_blocks = {name for block in layers for name in block}
+    forced_save: set[str] = set()
+    forced_recompute: set[str] = set()
+    avail: dict[str, bool] = {}
+    for node in problem.nodes:
+        free = node.force is None and not node.is_input
+        interior = node.name in in_blocks or (  # or backward-native, derived from the interior
+            not node.in_forward and any(i in forced_recompute for i in node.inputs))
+        if free and node.in_forward and node.name in save and node.can_save:
+            forced_save.add(node.name)
+        elif (free and interior and node.name not in save and node.can_recompute
+              and all(avail.get(i, True) for i in node.inputs)):
+            forced_recompute.add(node.name)
+        avail[node.name] = _available(node, forced_recompute, avail)
+    block_of = {name: i for i, outs in checkpoints for name in outs}
+    nodes = []
+    for node in problem.nodes:
+        if node.name in forced_save:
+            node = dataclasses.replace(node, force=SAVE, reason=f"uniform: checkpoint, output "
+                                       f"of block {block_of[node.name]} (one every {k} blocks)")
+        elif node.name in forced_recompute:
+            node = dataclasses.replace(node, force=RECOMPUTE, reason="uniform: inside a "
+                                       f"segment of {k} blocks, recomputed from its checkpoint")
+        nodes.append(node)
+    layout = UniformLayout(k, checkpoints, frozenset(forced_save), frozenset(forced_recompute))
+    return dataclasses.replace(problem, nodes=tuple(nodes)), layout
+
+
+class UniformSolver:
+    """Checkpoints every k-th block's boundary outputs; an inner solver plans the rest.
+
+    Args:
+        layers_per_checkpoint: ``k``, blocks per segment; None means ``round(sqrt(n))``.
+        inner: the solver for what the uniform constraints leave open: a registry name, or
+            None for ``"budget"`` when the problem has a budget and ``"mincut"`` otherwise.
+        recompute_expensive: passed to an inner min-cut (outside the blocks only: inside,
+            the constraints already recompute every op).
+
+    Without blocks (``problem.layers`` empty: the graph has no module metadata or no
+    repeated container) the inner solver plans the whole graph and the notes say so.
+
+    Example:
+        >>> from ckptfx.solvers.base import ProblemNode, SolveProblem
+        >>> nodes = (ProblemNode("x", 4, 0.0, is_input=True),
+        ...          ProblemNode("a", 4, 1.0, ("x",), needed_by_backward=True),
+        ...          ProblemNode("b", 4, 1.0, ("a",)),
+        ...          ProblemNode("c", 4, 1.0, ("b",), needed_by_backward=True))
+        >>> p = SolveProblem(nodes, layers=(("a",), ("b",), ("c",)))
+        >>> UniformSolver(layers_per_checkpoint=2).solve(p).saved
+        ('x', 'b')
+    """
+
+    name = "uniform"
+
+    def __init__(self, layers_per_checkpoint: int | None = None, inner: str | None = None,
+                 recompute_expensive: bool = False) -> None:
+        self.layers_per_checkpoint = layers_per_checkpoint
+        self.inner = inner
+        self.recompute_expensive = recompute_expensive
+
+    def _inner(self, problem: SolveProblem):
+        from ckptfx.solvers import registry
+
+        name = self.inner or ("budget" if problem.budget_bytes is not None else "mincut")
+        options = {"recompute_expensive": self.recompute_expensive} if name == "mincut" else {}
+        return name, registry.get(name, **options)
+
+    def solve(self, problem: SolveProblem) -> Solution:
+        inner_name, inner = self._inner(problem)
+        if not problem.layers:
+            solution = inner.solve(problem)
+            note = f"uniform: no repeated blocks found; {inner_name} planned the whole graph"
+            return dataclasses.replace(solution, notes=(note,) + solution.notes)
+        n = len(problem.layers)
+        k = self.layers_per_checkpoint or default_k(n)
+        constrained, layout = uniform_constraints(problem, k)
+        solution = inner.solve(constrained)
+        reasons = dict(solution.reasons)
+        for node in constrained.nodes:
+            if node.name in layout.forced_save or node.name in layout.forced_recompute:
+                reasons[node.name] = node.reason
+        note = (f"uniform: k={k} blocks per segment over n={n} blocks, "
+                f"{len(layout.checkpoints)} checkpoints; {inner_name} planned the rest")
+        return dataclasses.replace(solution, reasons=tuple(reasons.items()),
+                                   notes=(note,) + solution.notes)

@@ -1,0 +1,168 @@
+"""Memory budgets end to end: saved-bytes and peak budgets, strictness, the frontier."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import ckptfx
+from ckptfx import InfeasibleBudgetError, RematConfig
+
+from conftest import assert_bitwise, grads_of, run_partitioned
+
+KIB = 1024
+
+
+def mlp(x, w1, w2):
+    return torch.tanh(torch.relu(x @ w1) @ w2).exp().sin().sum()
+
+
+def _inputs():
+    torch.manual_seed(0)
+    return [torch.randn(128, 128, requires_grad=True) for _ in range(3)]  # 64 KiB each
+
+
+def _joint():
+    return ckptfx.trace_joint(mlp, *_inputs())
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.8, 0.6, 0.0, "250KiB", 200 * KIB])
+def test_saved_bytes_within_budget_and_gradients_exact(budget):
+    config = RematConfig.from_options({"memory_budget": budget})
+    plan = ckptfx.plan_remat(_joint(), config)
+    assert plan.solver == "budget" and plan.feasible
+    assert plan.saved_bytes <= plan.budget_bytes
+    inputs = _inputs()
+    _, ref = grads_of(mlp, inputs)
+    _, got, reports = run_partitioned(mlp, inputs, config)
+    assert_bitwise(got, ref)
+    assert reports[0].saved_bytes == plan.saved_bytes and not reports[0].fallback
+
+
+def test_fraction_zero_is_least_achievable():
+    joint = _joint()
+    least = ckptfx.plan_remat(joint, RematConfig.from_options({"memory_budget": 0.0}))
+    assert least.feasible
+    # only the three inputs: everything else, matmuls included, is recomputed from them
+    assert least.saved == ("primals_1", "primals_2", "primals_3")
+    assert least.saved_bytes == 3 * 64 * KIB
+    for b in (1.0, 0.7, 0.5):
+        other = ckptfx.plan_remat(joint, RematConfig.from_options({"memory_budget": b}))
+        assert other.saved_bytes >= least.saved_bytes
+
+
+def test_less_budget_never_costs_less_recompute():
+    joint = _joint()
+    costs = []
+    for b in (1.0, 0.8, 0.6, 0.5, 0.4, 0.0):
+        _, _, report = ckptfx.apply_plan(
+            joint, ckptfx.plan_remat(joint, RematConfig.from_options({"memory_budget": b})))
+        costs.append(report.extra_cost_s)
+    assert costs == sorted(costs)
+    assert costs[0] == 0.0 and costs[-1] > 0
+
+
+def test_infeasible_budget_warns_or_raises(caplog):
+    joint = _joint()
+    with caplog.at_level(logging.WARNING, logger="ckptfx"):
+        plan = ckptfx.plan_remat(joint, RematConfig.from_options({"memory_budget": "1KiB"}))
+    assert not plan.feasible and plan.saved_bytes == 3 * 64 * KIB  # the closest plan
+    assert any("cannot be met" in r.getMessage() for r in caplog.records)
+    with pytest.raises(InfeasibleBudgetError) as info:
+        ckptfx.plan_remat(joint, RematConfig.from_options({"memory_budget": "1KiB", "strict": True}))
+    assert info.value.smallest_bytes == 3 * 64 * KIB and info.value.budget_bytes == 1024
+    assert "memory_budget" in str(info.value)
+
+
+def three_layers(x, w1, w2, w3):
+    h = torch.tanh(x @ w1).exp()
+    h = torch.sin(h @ w2).exp()
+    return torch.cos(h @ w3).sum()
+
+
+def test_peak_budget_is_met_by_simulated_peak():
+    torch.manual_seed(0)
+    shapes = [(512, 64), (64, 256), (256, 256), (256, 64)]
+    inputs = [torch.randn(*s, requires_grad=True) for s in shapes]
+    joint = ckptfx.trace_joint(three_layers, *inputs)
+    full = ckptfx.plan_remat(joint, RematConfig.from_options(
+        {"memory_budget": 1.0, "budget_kind": "peak"}))
+    least = ckptfx.plan_remat(joint, RematConfig.from_options(
+        {"memory_budget": 0.0, "budget_kind": "peak"}))
+    assert full.feasible and least.feasible
+    assert least.predicted_peak_bytes <= least.budget_bytes
+    assert least.predicted_peak_bytes < full.predicted_peak_bytes
+    # a byte budget between the two is met, and the peak never rises as the budget falls
+    mid_budget = (least.predicted_peak_bytes + full.predicted_peak_bytes) // 2
+    mid = ckptfx.plan_remat(joint, RematConfig(memory_budget=ckptfx.MemoryBudget(
+        nbytes=mid_budget), budget_kind="peak"))
+    assert mid.feasible and mid.predicted_peak_bytes <= mid_budget
+    assert least.predicted_peak_bytes <= mid.predicted_peak_bytes <= full.predicted_peak_bytes
+    # the plan's peak is what the memory model says of the emitted graphs
+    _, _, report = ckptfx.apply_plan(joint, least)
+    assert report.predicted_peak_bytes == least.predicted_peak_bytes
+    # below the least peak: closest plan, or an error naming the smallest figure
+    with pytest.raises(InfeasibleBudgetError) as info:
+        ckptfx.plan_remat(joint, RematConfig(memory_budget=ckptfx.MemoryBudget(nbytes=1000),
+                                             budget_kind="peak", strict=True))
+    assert info.value.smallest_bytes == least.predicted_peak_bytes
+    _, ref = grads_of(three_layers, inputs)
+    _, got, _ = run_partitioned(three_layers, inputs, RematConfig.from_options(
+        {"memory_budget": 0.0, "budget_kind": "peak"}))
+    assert_bitwise(got, ref)
+
+
+def test_pareto_frontier_rows():
+    rows = ckptfx.pareto(_joint(), budgets=(1.0, 0.6, 0.4, 0.0))
+    assert [r.budget for r in rows] == ["1", "0.6", "0.4", "0"]
+    saved = [r.saved_bytes for r in rows]
+    assert saved == sorted(saved, reverse=True)
+    flops = [r.extra_flops for r in rows]
+    assert flops == sorted(flops) and flops[0] == 0 and flops[-1] > 0
+    assert all(r.predicted_peak_bytes is not None for r in rows)
+    from ckptfx.frontier import format_frontier
+
+    assert "budget" in format_frontier(rows)
+
+
+def test_greedy_solver_through_the_pipeline():
+    config = RematConfig.from_options({"memory_budget": 0.5, "solver": "greedy"})
+    plan = ckptfx.plan_remat(_joint(), config)
+    assert plan.solver == "greedy" and plan.saved_bytes <= plan.budget_bytes
+    inputs = _inputs()
+    _, ref = grads_of(mlp, inputs)
+    _, got, _ = run_partitioned(mlp, inputs, config)
+    assert_bitwise(got, ref)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(deadline=None, max_examples=8, derandomize=True)
+@given(layers=st.integers(1, 3), width=st.sampled_from([32, 64, 128]),
+       acts=st.lists(st.sampled_from(["tanh", "exp", "sin", "relu"]), min_size=3, max_size=3))
+def test_peak_budgets_on_random_mlps(layers, width, acts):
+    torch.manual_seed(0)
+    ws = [torch.randn(width, width, requires_grad=True) * 0.1 for _ in range(layers)]
+    x = torch.randn(256, width, requires_grad=True)
+
+    def f(x, *ws):
+        h = x
+        for i, w in enumerate(ws):
+            h = getattr(torch, acts[i % 3])(h @ w)
+        return h.sum()
+
+    joint = ckptfx.trace_joint(f, x, *ws)
+    least = ckptfx.plan_remat(joint, RematConfig.from_options(
+        {"memory_budget": 0.0, "budget_kind": "peak"}))
+    assert least.feasible  # the least peak is always achievable
+    for fraction in (1.0, 0.9, 0.7, 0.5):
+        plan = ckptfx.plan_remat(joint, RematConfig.from_options(
+            {"memory_budget": fraction, "budget_kind": "peak"}))
+        if plan.feasible:
+            assert plan.predicted_peak_bytes <= plan.budget_bytes
+        else:
+            assert plan.budget_bytes < least.predicted_peak_bytes
+        assert least.predicted_peak_bytes <= plan.predicted_peak_bytes

@@ -1,0 +1,368 @@
+"""Budget (MILP) and greedy solvers on hand-built SolveProblems: tables and properties.
+
+Pure data: no torch graphs. Tables assert exact saved sets and objectives; hypothesis checks
+validity, feasibility, optimality against brute force and monotonicity on random small DAGs.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import itertools
+import pathlib
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ckptfx.errors import UnsupportedGraphError
+from ckptfx.solvers import budget as budget_mod
+from ckptfx.solvers import registry
+from ckptfx.solvers.base import ProblemNode, SolveProblem, needed_closure, saved_bytes
+from ckptfx.solvers.budget import BudgetSolver
+from ckptfx.solvers.knapsack import GreedySolver, penalised_cost
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Overrides conftest's Dynamo reset: these tests never touch torch."""
+    yield
+
+
+def node(name, nbytes, cost=0.0, inputs=(), **kw):
+    return ProblemNode(name, nbytes, float(cost), tuple(inputs), **kw)
+
+
+def chain(budget=None, **overrides):
+    """x -> a -> b -> c; the backward reads a, b, c (100 B each; costs 1, 2, 3 s)."""
+    nodes = [node("x", 10, is_input=True),
+             node("a", 100, 1, ("x",), needed_by_backward=True),
+             node("b", 100, 2, ("a",), needed_by_backward=True),
+             node("c", 100, 3, ("b",), needed_by_backward=True)]
+    nodes = [dataclasses.replace(n, **overrides.get(n.name, {})) for n in nodes]
+    return SolveProblem(tuple(nodes), budget_bytes=budget)
+
+
+def diamond(budget=None):
+    """x -> a -> {b (cost 1), c (cost 5)} -> d; the backward reads b and c (50 B each)."""
+    return SolveProblem((node("x", 10, is_input=True),
+                         node("a", 100, 1, ("x",)),
+                         node("b", 50, 1, ("a",), needed_by_backward=True),
+                         node("c", 50, 5, ("a",), needed_by_backward=True),
+                         node("d", 100, 1, ("b", "c"))), budget_bytes=budget)
+
+
+def view_pair(budget=None):
+    """a and a free view v of it are both read: saving a alone suffices (tie-break)."""
+    return SolveProblem((node("x", 10, is_input=True),
+                         node("a", 100, 1, ("x",), needed_by_backward=True),
+                         node("v", 100, 0, ("a",), needed_by_backward=True)), budget_bytes=budget)
+
+
+def banned(budget=None):
+    """x -> r (random: never recomputed, 60 B) -> y (100 B, read by the backward)."""
+    return SolveProblem((node("x", 10, is_input=True),
+                         node("r", 60, 1, ("x",), can_recompute=False, reason="random op"),
+                         node("y", 100, 1, ("r",), needed_by_backward=True)), budget_bytes=budget)
+
+
+# (case id, problem, expected saved, expected objective, expected feasible)
+BUDGET_CASES = [
+    ("chain-none", chain(None), ("a", "b", "c"), 0.0, True),
+    ("chain-300", chain(300), ("a", "b", "c"), 0.0, True),
+    ("chain-200", chain(200), ("a", "c"), 2.0, True),
+    ("chain-150", chain(150), ("x", "c"), 3.0, True),
+    ("chain-50", chain(50), ("x",), 6.0, True),
+    ("chain-0-infeasible", chain(0), ("x",), 6.0, False),
+    ("chain-0-static-input", chain(0, x={"nbytes": 0}), ("x",), 6.0, True),
+    ("diamond-none", diamond(None), ("b", "c"), 0.0, True),
+    ("diamond-60", diamond(60), ("x", "c"), 2.0, True),
+    ("diamond-99", diamond(99), ("x", "c"), 2.0, True),
+    ("diamond-5-infeasible", diamond(5), ("x",), 7.0, False),
+    ("view-tie-break", view_pair(None), ("a",), 0.0, True),
+    ("banned-none", banned(None), ("y",), 0.0, True),
+    ("banned-80", banned(80), ("r",), 1.0, True),
+    ("banned-50-infeasible", banned(50), ("r",), 1.0, False),
+    ("force-save", chain(150, b={"force": "save"}), ("x", "b"), 4.0, True),
+    ("force-recompute", chain(None, a={"force": "recompute"}), ("x", "b", "c"), 1.0, True),
+    ("prefer-save", chain(200, b={"prefer": 5.0}), ("a", "b"), 3.0, True),
+    ("prefer-recompute", chain(None, c={"prefer": -10.0}), ("a", "b"), 3.0, True),
+]
+
+# The greedy where it is determined by hand; chain-200 shows it is not optimal.
+GREEDY_CASES = [
+    ("chain-none", chain(None), ("a", "b", "c"), 0.0, True),
+    ("chain-200", chain(200), ("x", "c"), 3.0, True),
+    ("chain-150", chain(150), ("x", "c"), 3.0, True),
+    ("chain-0-infeasible", chain(0), ("x",), 6.0, False),
+    ("diamond-60", diamond(60), ("x", "c"), 2.0, True),
+    ("view-tie-break", view_pair(None), ("a",), 0.0, True),
+    ("banned-80", banned(80), ("r",), 1.0, True),
+    ("banned-50-infeasible", banned(50), ("r",), 1.0, False),
+    ("force-save", chain(150, b={"force": "save"}), ("x", "b"), 4.0, True),
+    ("force-recompute", chain(None, a={"force": "recompute"}), ("x", "b", "c"), 1.0, True),
+]
+
+
+def assert_valid(problem, solution):
+    _, violations = needed_closure(problem, set(solution.saved))
+    assert violations == [], violations
+    order = [n.name for n in problem.nodes]
+    assert list(solution.saved) == sorted(solution.saved, key=order.index)
+    if solution.feasible and problem.budget_bytes is not None:
+        assert saved_bytes(problem, solution.saved) <= problem.budget_bytes
+
+
+@pytest.mark.parametrize("case", BUDGET_CASES, ids=[c[0] for c in BUDGET_CASES])
+def test_budget_table(case):
+    _, problem, saved, objective, feasible = case
+    sol = BudgetSolver().solve(problem)
+    assert (sol.saved, sol.objective, sol.feasible) == (saved, pytest.approx(objective), feasible)
+    assert_valid(problem, sol)
+    assert sol.lower_bound is not None and sol.lower_bound <= sol.objective + 1e-9
+    assert any(n.startswith("MILP optimal") for n in sol.notes), sol.notes
+    assert all(r.startswith("budget: ") for _, r in sol.reasons)
+    assert {name for name, _ in sol.reasons} >= set(sol.saved)
+    if not feasible:
+        assert any("infeasible" in n for n in sol.notes)
+
+
+@pytest.mark.parametrize("case", GREEDY_CASES, ids=[c[0] for c in GREEDY_CASES])
+def test_greedy_table(case):
+    _, problem, saved, objective, feasible = case
+    sol = GreedySolver().solve(problem)
+    assert (sol.saved, sol.objective, sol.feasible) == (saved, pytest.approx(objective), feasible)
+    assert_valid(problem, sol)
+    assert any("heuristic" in n for n in sol.notes)
+
+
+def test_banned_node_never_recomputed():
+    for solver in (BudgetSolver(), GreedySolver()):
+        for budget in (None, 80, 50, 0):
+            problem = banned(budget)
+            recomputed, _ = needed_closure(problem, set(solver.solve(problem).saved))
+            assert "r" not in recomputed
+
+
+@pytest.mark.parametrize("solver", [BudgetSolver(), GreedySolver()], ids=lambda s: s.name)
+def test_no_plan_raises(solver):
+    problem = SolveProblem((node("x", 10, is_input=True),
+                            node("t", 8, 1, ("x",), can_save=False, can_recompute=False,
+                                 needed_by_backward=True, reason="tuple from a collective")))
+    with pytest.raises(UnsupportedGraphError, match="t"):
+        solver.solve(problem)
+
+
+@pytest.mark.parametrize("solver", [BudgetSolver(), GreedySolver()], ids=lambda s: s.name)
+def test_nothing_needed(solver):
+    problem = SolveProblem((node("x", 10, is_input=True), node("a", 5, 1, ("x",))), budget_bytes=0)
+    sol = solver.solve(problem)
+    assert (sol.saved, sol.objective, sol.feasible) == ((), 0.0, True)
+
+
+def test_registry_names():
+    assert registry.get("budget").name == "budget"
+    assert registry.get("greedy").name == "greedy"
+
+
+def test_solvers_import_no_torch():
+    root = pathlib.Path(budget_mod.__file__).parent
+    for path in (root / "budget.py", root / "knapsack.py"):
+        for stmt in ast.walk(ast.parse(path.read_text())):
+            if isinstance(stmt, ast.Import):
+                assert not any(a.name.split(".")[0] == "torch" for a in stmt.names), path
+            elif isinstance(stmt, ast.ImportFrom):
+                assert (stmt.module or "").split(".")[0] != "torch", path
+
+
+# --- fallbacks ------------------------------------------------------------------------------
+
+
+def test_too_large_falls_back_to_greedy():
+    problem = chain(150)
+    sol = BudgetSolver(max_nodes=2).solve(problem)
+    assert any("exceed max_nodes=2" in n for n in sol.notes)
+    assert (sol.saved, sol.feasible, sol.lower_bound) == (("x", "c"), True, None)
+
+
+def test_no_incumbent_falls_back_to_greedy(monkeypatch):
+    real = budget_mod._run
+
+    def no_incumbent(model, objective, target, seconds, **kw):
+        res = real(model, objective, target, seconds, **kw)
+        if kw.get("integral", True):
+            res.x, res.status, res.message = None, 1, "Time limit reached. (fake)"
+        return res
+
+    monkeypatch.setattr(budget_mod, "_run", no_incumbent)
+    problem = chain(200)
+    sol = BudgetSolver().solve(problem)
+    assert any("found no plan" in n for n in sol.notes) and any("heuristic" in n for n in sol.notes)
+    assert (sol.saved, sol.feasible) == (("x", "c"), True)
+
+
+def test_invalid_incumbent_is_repaired_or_replaced(monkeypatch):
+    real = budget_mod._run
+
+    def broken(model, objective, target, seconds, **kw):
+        res = real(model, objective, target, seconds, **kw)
+        if kw.get("integral", True):
+            res.x = res.x * 0.0  # saves nothing: the backward's reads become uncomputable
+        return res
+
+    monkeypatch.setattr(budget_mod, "_run", broken)
+    sol = BudgetSolver().solve(chain(200))
+    assert any("failed repair" in n for n in sol.notes)
+    assert_valid(chain(200), sol)
+
+
+def test_time_limit_reports_gap_and_dual_bound(monkeypatch):
+    real = budget_mod._run
+
+    def stopped(model, objective, target, seconds, **kw):
+        res = real(model, objective, target, seconds, **kw)
+        if kw.get("integral", True):
+            res.status, res.mip_gap, res.mip_dual_bound = 1, 0.25, res.fun
+        return res
+
+    monkeypatch.setattr(budget_mod, "_run", stopped)
+    sol = BudgetSolver().solve(chain(200))
+    assert "MILP time limit: gap 25%" in sol.notes
+    assert sol.lower_bound == pytest.approx(2.0, rel=1e-4)
+
+
+def test_large_sizes_and_small_costs():
+    """MiB-sized tensors and microsecond costs: the scaling keeps the MILP exact and valid."""
+    rng = random.Random(0)
+    nodes = [node(f"p{i}", rng.randint(1, 64) << 20, is_input=True) for i in range(4)]
+    for i in range(300):
+        ins = rng.sample([n.name for n in nodes], k=min(len(nodes), rng.randint(1, 2)))
+        nodes.append(node(f"n{i}", rng.randint(1, 64) << 20, rng.uniform(1e-7, 1e-4), ins,
+                          needed_by_backward=rng.random() < 0.4,
+                          can_recompute=rng.random() > 0.05))
+    base = SolveProblem(tuple(nodes))
+    full = saved_bytes(base, BudgetSolver().solve(base).saved)
+    for frac in (0.7, 0.4, 0.2):
+        problem = dataclasses.replace(base, budget_bytes=int(full * frac))
+        exact, greedy = BudgetSolver().solve(problem), GreedySolver().solve(problem)
+        for sol in (exact, greedy):
+            assert_valid(problem, sol)
+        assert exact.feasible == greedy.feasible
+        assert penalised_cost(problem, exact.saved) <= penalised_cost(problem, greedy.saved) + 1e-12
+        assert exact.lower_bound <= exact.objective
+
+
+# --- properties on random small DAGs ----------------------------------------------------------
+
+KINDS = ["plain"] * 6 + ["no_recompute", "no_save", "force_save", "force_recompute"]
+KIND_FLAGS = {
+    "plain": {},
+    "no_recompute": {"can_recompute": False, "reason": "random op"},
+    "no_save": {"can_save": False, "reason": "tuple"},
+    "force_save": {"force": "save", "reason": "MUST_SAVE"},
+    "force_recompute": {"force": "recompute", "reason": "MUST_RECOMPUTE"},
+}
+
+
+@st.composite
+def small_problems(draw, max_nodes=10):
+    """Random DAGs that always admit a valid plan: every primal may be saved, and every other
+    node may be saved or computed in the backward (never banned from both)."""
+    n = draw(st.integers(1, max_nodes))
+    n_inputs = draw(st.integers(1, min(3, n)))
+    nodes: list[ProblemNode] = []
+    for i in range(n):
+        nbytes = draw(st.sampled_from([0, 1, 4, 10, 25, 50, 100]))
+        needed = draw(st.booleans())
+        if i < n_inputs:
+            nodes.append(node(f"n{i}", nbytes, is_input=True, needed_by_backward=needed))
+            continue
+        ins = draw(st.lists(st.integers(0, i - 1), min_size=1, max_size=3, unique=True))
+        in_forward = all(nodes[j].in_forward for j in ins) and draw(st.integers(0, 5)) > 0
+        cost = float(draw(st.integers(0, 10))) if in_forward else 0.0
+        prefer = draw(st.sampled_from([0.0] * 5 + [-3.0, 2.0, 5.0]))
+        nodes.append(node(f"n{i}", nbytes, cost, [f"n{j}" for j in ins], in_forward=in_forward,
+                          needed_by_backward=needed, prefer=prefer,
+                          **KIND_FLAGS[draw(st.sampled_from(KINDS))]))
+    return SolveProblem(tuple(nodes))
+
+
+def brute_force(problem):
+    """(bytes, penalised cost, saved) of every valid saved set (the MILP's rule: nodes forced
+    to be recomputed are never saved, not even backward-native ones)."""
+    names = [n.name for n in problem.nodes]
+    forced = {n.name for n in problem.nodes if n.force == "recompute"}
+    plans = []
+    for k in range(len(names) + 1):
+        for subset in itertools.combinations(names, k):
+            saved = set(subset)
+            if saved & forced or needed_closure(problem, saved)[1]:
+                continue
+            plans.append((saved_bytes(problem, saved), penalised_cost(problem, saved), subset))
+    return plans
+
+
+def optimum(plans, budget):
+    """(least penalised cost, least bytes at that cost) within budget, or None."""
+    fits = [(c, b) for b, c, _ in plans if budget is None or b <= budget]
+    return min(fits, key=lambda cb: (round(cb[0], 9), cb[1])) if fits else None
+
+
+PROPS = settings(deadline=None, max_examples=40, derandomize=True,
+                 suppress_health_check=[HealthCheck.too_slow])
+
+
+@PROPS
+@given(small_problems(max_nodes=12), st.sampled_from([None, 0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0]))
+def test_plans_valid_and_within_budget(problem, fraction):
+    total = sum(n.nbytes for n in problem.nodes)
+    budget = None if fraction is None else int(fraction * total)
+    problem = dataclasses.replace(problem, budget_bytes=budget)
+    exact, greedy = BudgetSolver().solve(problem), GreedySolver().solve(problem)
+    for sol in (exact, greedy):  # (a), (b) first half
+        assert_valid(problem, sol)
+    assert exact.feasible == greedy.feasible
+    # (c) the exact solver is never worse than the heuristic at the same budget
+    assert penalised_cost(problem, exact.saved) <= penalised_cost(problem, greedy.saved) + 1e-9
+
+
+@PROPS
+@given(small_problems(max_nodes=9), st.data())
+def test_matches_brute_force(problem, data):
+    plans = brute_force(problem)
+    floor = min(b for b, _, _ in plans)
+    budgets = sorted({b for b, _, _ in plans} | {max(floor - 1, 0)})
+    budget = data.draw(st.sampled_from([None, *budgets]))
+    problem = dataclasses.replace(problem, budget_bytes=budget)
+    best = optimum(plans, budget)
+    for solver in (BudgetSolver(), GreedySolver()):  # (b) feasible iff a plan fits
+        sol = solver.solve(problem)
+        assert sol.feasible == (best is not None), solver.name
+        if best is None:
+            assert saved_bytes(problem, sol.saved) == floor
+    exact = BudgetSolver().solve(problem)
+    target = best or optimum(plans, floor)
+    cost = penalised_cost(problem, exact.saved)  # (d) optimal, then fewest bytes
+    assert cost == pytest.approx(target[0], abs=1e-9)
+    assert saved_bytes(problem, exact.saved) == target[1]
+
+
+@settings(deadline=None, max_examples=25, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(small_problems(max_nodes=12))
+def test_monotone_in_budget(problem):
+    floor = saved_bytes(problem, GreedySolver().solve(
+        dataclasses.replace(problem, budget_bytes=0)).saved)
+    top = saved_bytes(problem, BudgetSolver().solve(problem).saved)
+    budgets = sorted({top, floor, max(floor - 1, 0), (top + floor) // 2, (3 * floor + top) // 4},
+                     reverse=True)
+    last = -1.0
+    for budget in budgets:  # (e) falling budget: bytes stay within it, cost never falls
+        p = dataclasses.replace(problem, budget_bytes=budget)
+        sol = BudgetSolver().solve(p)
+        assert sol.feasible == (budget >= floor)
+        assert saved_bytes(p, sol.saved) <= max(budget, floor)
+        cost = penalised_cost(p, sol.saved)
+        assert cost >= last - 1e-9
+        last = cost
