@@ -1,6 +1,11 @@
 """Memory budgets side by side: ckptfx's budget solver vs PyTorch's activation_memory_budget
 vs transformers' gradient_checkpointing_enable(), on GPT-2 and LLaMA configs.
 
+Variants: eager; transformers' per-block checkpointing (eager); torch.compile's default;
+PyTorch's ``activation_memory_budget`` at each fraction; ckptfx's budget solver at each
+fraction (``budget_kind="saved"``: saved bytes <= fraction of the no-recompute plan's, 0 =
+least achievable); ckptfx with ``budget_kind="peak"`` and budget 0 (the least simulated peak).
+
 Every variant runs in its own process (fresh allocator, fresh compile caches) and reports:
 bytes saved for backward (saved_tensors_hooks, unique storages, parameters excluded), the
 peak resident memory of one training step above the memory before it, the median step time,
@@ -8,7 +13,7 @@ and the max relative gradient error against eager. Ratios are relative to torch.
 default (Inductor, no budget) in the same run.
 
 Usage:
-    python bench/budget.py                      # both models, every variant (~20 min on 2 cores)
+    python bench/budget.py                      # both models, every variant (~30 min on 2 cores)
     python bench/budget.py --models gpt2 --budgets 0.5
     python bench/budget.py --one gpt2 ckpt 0.5  # one variant, prints one JSON line
 """
@@ -77,10 +82,13 @@ def run_one(model_name: str, variant: str, budget: float | None, steps: int = 3)
 
         fconfig.activation_memory_budget = 1.0 if budget is None else budget
         fn = torch.compile(model, backend="inductor")
-    elif variant == "ckpt":
+    elif variant in ("ckpt", "ckpt_peak"):
         import ckptfx
 
-        backend = ckptfx.CkptBackend(memory_budget=budget) if budget is not None else ckptfx.CkptBackend()
+        options = {} if budget is None else {"memory_budget": budget}
+        if variant == "ckpt_peak":
+            options["budget_kind"] = "peak"
+        backend = ckptfx.CkptBackend(**options)
         reports = backend.reports
         fn = torch.compile(model, backend=backend)
     else:
@@ -120,6 +128,7 @@ def variants(budgets: list[float]) -> list[tuple[str, float | None]]:
                                            ("torch_budget", None), ("ckpt", None)]
     for b in budgets:
         out += [("torch_budget", b), ("ckpt", b)]
+    out += [("ckpt_peak", 0.0)]  # the least simulated peak
     return out
 
 

@@ -386,7 +386,7 @@ def simulate(fw: fx.GraphModule, bw: fx.GraphModule,
                 f"graphs with fake tensors (AOTAutograd, FakeTensorProp) before simulating")
     if hints is None:
         shape_env = compat.shape_env_of(fw.graph) or compat.shape_env_of(bw.graph)
-        hints = SizeHints(compat.symbol_hints(shape_env))
+        hints = SizeHints.from_shape_env(shape_env)
     user, saved = saved_inputs(fw, bw)
     fw_st = _storages(fw, FORWARD, {}, hints)
     fw_steps, boundary = _replay(fw, FORWARD, fw_st, fw_st.nbytes, 0, set())

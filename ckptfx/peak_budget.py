@@ -4,10 +4,11 @@ The budget solver is exact for a bound on *saved* bytes. A bound on the *peak* o
 depends on the emitted graphs' schedule, so it is met by a search over saved-bytes bounds:
 
     1. Candidates: the budget solver's plans for SWEEP + 1 evenly spaced saved-bytes bounds
-       s in [least saved bytes, no-recompute saved bytes], plus any extra candidate plans
-       (layer-wise ones); each is applied and its peak simulated (``ckptfx.memory``).
-    2. P = the peak budget in bytes: a fraction f of the no-recompute plan's simulated peak
-       (f = 0 means the least peak among the candidates), or absolute bytes.
+       s in [least saved bytes, no-recompute saved bytes], plus layer-wise plans (uniform,
+       k = 1 and round(sqrt(n)), when the graph has repeated blocks); each is applied and
+       its peak simulated (``ckptfx.memory``).
+    2. P = the peak budget in bytes: absolute, or a fraction f on the scale least peak among
+       the candidates (0) .. the no-budget min-cut plan's peak (1).
     3. Bisection between the largest bound whose plan fits P and the next bound that does
        not (more may be saved, so less recomputed).
     4. The answer is the feasible candidate with the least recompute cost; if none fits, the
@@ -52,20 +53,20 @@ def _evaluate(joint, problem: SolveProblem, solver, bound: int, to_plan) -> Cand
     return Candidate(bound, solution, peak, recompute_cost(problem, solution.saved))
 
 
-def solve_for_peak(joint, problem: SolveProblem, solver, fraction: float | None,
-                   peak_bytes: int | None, full_saved: int, to_plan,
-                   extra: tuple[Solution, ...] = ()) -> tuple[Solution, int, int]:
+def solve_for_peak(joint, problem: SolveProblem, solver, budget, full_saved: int, to_plan,
+                   default: Solution, extra: tuple[Solution, ...] = ()
+                   ) -> tuple[Solution, int, int]:
     """Searches saved-bytes bounds for the cheapest plan whose simulated peak fits.
 
     Args:
         joint: the JointGraph.
         problem: the SolveProblem (its budget fields are ignored).
         solver: a saved-bytes solver (the budget solver).
-        fraction: the budget as a fraction of the no-recompute plan's peak (0 = the least
-            peak found), or None.
-        peak_bytes: the budget in bytes when ``fraction`` is None.
+        budget: a MemoryBudget: bytes of peak, or a fraction on the scale least peak found
+            (0) .. the no-budget min-cut plan's peak (1) (Note [Budget fractions]).
         full_saved: bytes the no-recompute plan saves.
         to_plan: ``(problem, solution) -> RematPlan`` (the planner's converter).
+        default: the no-budget plan (the 1.0 end of the fraction scale; also a candidate).
         extra: more candidate solutions to simulate (e.g. layer-wise plans).
 
     Returns:
@@ -75,14 +76,11 @@ def solve_for_peak(joint, problem: SolveProblem, solver, fraction: float | None,
     least = saved_bytes(problem, low.solution.saved)
     seen = [low] + [_evaluate(joint, problem, solver, least + (full_saved - least) * i // SWEEP,
                               to_plan) for i in range(1, SWEEP + 1)]
-    top = seen[-1]
-    seen += [_evaluate_solution(joint, problem, sol, to_plan) for sol in extra]
-    if fraction is None:
-        target = int(peak_bytes)
-    elif fraction == 0:
-        target = min(c.peak for c in seen)
-    else:
-        target = int(fraction * top.peak)
+    anchor = _evaluate_solution(joint, problem, default, to_plan)
+    seen += [anchor] + [_evaluate_solution(joint, problem, sol, to_plan)
+                        for sol in tuple(extra) + layerwise_candidates(problem)]
+    least_peak = min(c.peak for c in seen)
+    target = budget.resolve(least_peak, max(anchor.peak, least_peak))
     seen += _refine(joint, problem, solver, to_plan, seen, target)
     feasible = [c for c in seen if c.peak <= target]
     if feasible:
@@ -94,6 +92,21 @@ def solve_for_peak(joint, problem: SolveProblem, solver, fraction: float | None,
     solution = dataclasses.replace(best.solution, feasible=bool(feasible),
                                    notes=best.solution.notes + (note,))
     return solution, best.peak, target
+
+
+def layerwise_candidates(problem: SolveProblem) -> tuple[Solution, ...]:
+    """Uniform plans (Chen et al. 2016) for k = 1 and k = round(sqrt(n)) when the graph has
+    repeated blocks: a saved-bytes bound alone never asks for block boundaries, yet saving
+    them is what keeps a deep network's backward from rematerialising every block at once."""
+    if len(problem.layers) < 2:
+        return ()
+    from ckptfx.solvers.uniform import UniformSolver, default_k
+
+    out = []
+    for k in sorted({1, default_k(len(problem.layers))}):
+        plain = dataclasses.replace(problem, budget_bytes=None, budget_kind="saved")
+        out.append(UniformSolver(layers_per_checkpoint=k, inner="mincut").solve(plain))
+    return tuple(out)
 
 
 def _evaluate_solution(joint, problem, solution: Solution, to_plan) -> Candidate:

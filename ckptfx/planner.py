@@ -39,7 +39,14 @@ from ckptfx.policies import (
     strongest,
 )
 from ckptfx.solvers import registry
-from ckptfx.solvers.base import ProblemNode, SolveProblem, Solution, needed_closure
+from ckptfx.solvers.base import (
+    ProblemNode,
+    SolveProblem,
+    Solution,
+    least_recompute_saved,
+    needed_closure,
+    saved_bytes,
+)
 
 log = logging.getLogger("ckptfx")
 
@@ -123,6 +130,8 @@ def build_problem(joint: JointGraph, table: NodeTable, votes: dict[str, Vote],
     """Describes the forward-computable part of the joint graph as a SolveProblem."""
     votes = alias_votes(joint, table, votes)
     bw_outputs = _backward_output_names(joint)
+    static_storages = {_storage_id(n) for n in joint.graph.nodes
+                       if n.name in joint.static_input_names} - {None}
     candidates = [n for n in joint.graph.nodes
                   if n.name in joint.fw_computable and n.op in ("placeholder", "call_function")]
     names = {n.name for n in candidates}
@@ -150,7 +159,7 @@ def build_problem(joint: JointGraph, table: NodeTable, votes: dict[str, Vote],
         needed = node.name in bw_outputs or any(
             u.op != "output" and u.name not in joint.fw_computable for u in node.users)
         in_forward = row.role in (Role.FORWARD, Role.PRIMAL)
-        static = node.name in joint.static_input_names
+        static = node.name in joint.static_input_names or _storage_id(node) in static_storages
         nodes.append(ProblemNode(
             name=node.name,
             nbytes=0 if static else table.bytes_of(node.name),
@@ -171,32 +180,25 @@ def build_problem(joint: JointGraph, table: NodeTable, votes: dict[str, Vote],
                         time_limit_s=float(config.time_limit_s), layers=layers)
 
 
+def _storage_id(node) -> int | None:
+    """Identity of the (fake) storage a node's tensor value lives in, or None."""
+    import torch
+
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    try:
+        return id(val.untyped_storage())
+    except (NotImplementedError, RuntimeError):
+        return None
+
+
 def _backward_output_names(joint: JointGraph) -> set[str]:
     import torch.utils._pytree as pytree
 
     out = joint.graph.find_nodes(op="output")[0]
     leaves = pytree.arg_tree_leaves(*out.args)[joint.num_fwd_outputs:]
     return {x.name for x in leaves if hasattr(x, "name")}
-
-
-def no_remat_saved(problem: SolveProblem) -> tuple[str, ...]:
-    """The saved set that recomputes nothing: every forward value the backward reads, directly
-    or through backward-native nodes (which are computed in the backward anyway)."""
-    by_name = problem.by_name()
-    saved: set[str] = set()
-    seen: set[str] = set()
-    stack = [n.name for n in problem.nodes if n.needed_by_backward]
-    while stack:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        node = by_name[name]
-        if node.in_forward and (node.can_save or node.is_input):
-            saved.add(name)
-        else:
-            stack.extend(node.inputs)
-    return tuple(n.name for n in problem.nodes if n.name in saved)
 
 
 def _policy_reason(node: ProblemNode, action: str, solver_reason: str) -> str:
@@ -278,11 +280,11 @@ def plan(joint: JointGraph, config: RematConfig | None = None) -> Planned:
     """Like :func:`plan_remat`, returning every artifact (table, votes, problem) too."""
     config = config or RematConfig()
     hints = size_hints(joint, config)
-    table = build_table(joint, hints, cost_model=config.cost_model)
+    table = build_table(joint, hints, cost_model=rank_safe_cost_model(config))
     notes = size_notes(table)
     votes = collect_votes(table, config)
     problem = build_problem(joint, table, votes, config)
-    full = sum(problem.by_name()[s].nbytes for s in no_remat_saved(problem))
+    full = saved_bytes(problem, least_recompute_saved(problem))
     solver_name, kwargs = select_solver(config)
     solver = registry.get(solver_name, **kwargs)
     start = time.perf_counter()
@@ -291,13 +293,14 @@ def plan(joint: JointGraph, config: RematConfig | None = None) -> Planned:
     if budget is not None and config.budget_kind == "peak":
         from ckptfx.peak_budget import solve_for_peak
 
+        default = Solution(mincut_saved(problem, config.recompute_expensive))
         solution, peak, target = solve_for_peak(
-            joint, problem, solver, budget.fraction, budget.nbytes, full,
-            lambda p, s: to_plan(p, s, solver_name, 0.0, full))
+            joint, problem, solver, budget, full,
+            lambda p, s: to_plan(p, s, solver_name, 0.0, full), default)
         problem = dataclasses.replace(problem, budget_bytes=target)
     else:
         if budget is not None:
-            problem = dataclasses.replace(problem, budget_bytes=saved_budget(problem, budget, full))
+            problem = dataclasses.replace(problem, budget_bytes=saved_budget(problem, budget, config))
         solution = solver.solve(problem)
     elapsed = time.perf_counter() - start
     remat_plan = to_plan(problem, solution, solver_name, elapsed, full)
@@ -310,21 +313,36 @@ def plan(joint: JointGraph, config: RematConfig | None = None) -> Planned:
     return Planned(remat_plan, problem, table, votes)
 
 
-def least_saved_bytes(problem: SolveProblem) -> int:
-    """The fewest bytes any valid plan saves (min-cut with every recomputable node allowed)."""
+def mincut_saved(problem: SolveProblem, recompute_expensive: bool) -> tuple[str, ...]:
+    """The min-cut's saved set: with ``recompute_expensive`` the fewest bytes any valid plan
+    saves; without, what the pass keeps when there is no budget."""
     from ckptfx.solvers.mincut import MinCutSolver
 
-    solution = MinCutSolver(recompute_expensive=True).solve(problem)
-    by_name = problem.by_name()
-    return sum(by_name[s].nbytes for s in solution.saved)
+    return MinCutSolver(recompute_expensive=recompute_expensive).solve(problem).saved
 
 
-def saved_budget(problem: SolveProblem, budget, full: int) -> int:
-    """A saved-bytes budget in bytes: ``fraction * full`` (fraction 0 = the least achievable,
-    :func:`least_saved_bytes`) or absolute bytes."""
-    if budget.fraction == 0:
-        return least_saved_bytes(problem)
-    return budget.resolve(full)
+def saved_budget(problem: SolveProblem, budget, config: RematConfig) -> int:
+    """A saved-bytes budget in bytes (Note [Budget fractions] in ckptfx/config.py)."""
+    if budget.fraction is None:
+        return budget.nbytes
+    least = saved_bytes(problem, mincut_saved(problem, True))
+    default = saved_bytes(problem, mincut_saved(problem, config.recompute_expensive))
+    return budget.resolve(least, default)
+
+
+def rank_safe_cost_model(config: RematConfig) -> str:
+    """The cost model to plan with: ``"profile"`` times ops, and timings differ between
+    processes, so under an initialised process group of more than one rank the roofline is
+    used instead (one warning): every rank must make the same decisions (Invariant 5)."""
+    if config.cost_model != "profile":
+        return config.cost_model
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        log.warning("ckptfx: cost_model='profile' is not rank-deterministic; planning with "
+                    "the roofline on all %d ranks", dist.get_world_size())
+        return "roofline"
+    return "profile"
 
 
 def select_solver(config: RematConfig) -> tuple[str, dict[str, Any]]:

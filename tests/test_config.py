@@ -45,9 +45,12 @@ def test_bad_budgets_name_the_option(value, words):
     assert words in str(info.value)
 
 
-def test_budget_resolves_fraction_and_bytes():
-    assert MemoryBudget(fraction=0.25).resolve(1000) == 250
-    assert MemoryBudget(nbytes=77).resolve(1000) == 77
+def test_budget_resolves_fraction_on_least_to_default_scale():
+    # Note [Budget fractions]: 0 = least achievable, 1 = the no-budget plan, linear between
+    assert MemoryBudget(fraction=0.25).resolve(200, 1000) == 400
+    assert MemoryBudget(fraction=0.0).resolve(200, 1000) == 200
+    assert MemoryBudget(fraction=1.0).resolve(200, 1000) == 1000
+    assert MemoryBudget(nbytes=77).resolve(200, 1000) == 77
 
 
 def test_unknown_option_lists_valid_ones():

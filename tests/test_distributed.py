@@ -67,7 +67,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("options", [{}, {"memory_budget": 0.0}])
+@pytest.mark.parametrize("options", [{}, {"memory_budget": 0.0},
+                                     {"memory_budget": 0.5, "cost_model": "profile"}])
 def test_ddp_two_ranks_same_plan_and_eager_gradients(tmp_path, options):
     mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), options), nprocs=2,
                        join=True, start_method="spawn")

@@ -313,13 +313,14 @@ def test_mutation_allocates_nothing():
 
 def test_more_recomputation_keeps_fewer_bytes():
     """Plans that recompute more keep fewer (or equal) bytes from forward to backward."""
-    from ckptfx.planner import no_remat_saved, plan, to_plan
+    from ckptfx.planner import plan, to_plan
+    from ckptfx.solvers.base import least_recompute_saved
     from ckptfx.solvers.base import Solution
 
     fn, args = CASES["mlp"]()
     joint = ckptfx.trace_joint(fn, *args)
     planned = plan(joint)
-    everything = to_plan(planned.problem, Solution(no_remat_saved(planned.problem)), "manual", 0.0)
+    everything = to_plan(planned.problem, Solution(least_recompute_saved(planned.problem)), "manual", 0.0)
     kept = []
     for p in (everything, planned.plan,
               ckptfx.plan_remat(joint, ckptfx.RematConfig(recompute_expensive=True))):

@@ -65,15 +65,18 @@ def _arg_vals(node: fx.Node) -> tuple[tuple, dict]:
     return pytree.tree_map(val, (node.args, node.kwargs))
 
 
-def _largest_numel(v: Any, hints: SizeHints) -> int:
-    best = 0
+def _tensors(v: Any, hints: SizeHints):
+    """(numel, element size) of every tensor in a pytree, sizes under the hints."""
     for leaf in pytree.tree_leaves(v):
         if isinstance(leaf, torch.Tensor):
             n = 1
             for d in hints.concrete_shape(leaf):
                 n *= d
-            best = max(best, n)
-    return best
+            yield n, leaf.element_size()
+
+
+def _largest_numel(v: Any, hints: SizeHints) -> int:
+    return max((n for n, _ in _tensors(v, hints)), default=0)
 
 
 def node_flops(node: fx.Node, hints: SizeHints) -> int:
@@ -99,14 +102,7 @@ def node_flops(node: fx.Node, hints: SizeHints) -> int:
 
 
 def _tensor_bytes(v: Any, hints: SizeHints) -> int:
-    total = 0
-    for leaf in pytree.tree_leaves(v):
-        if isinstance(leaf, torch.Tensor):
-            n = 1
-            for d in hints.concrete_shape(leaf):
-                n *= d
-            total += n * leaf.element_size()
-    return total
+    return sum(n * size for n, size in _tensors(v, hints))
 
 
 def node_cost(node: fx.Node, hints: SizeHints, machine: Machine = DEFAULT_MACHINE,

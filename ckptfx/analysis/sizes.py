@@ -53,10 +53,23 @@ def tensor_bytes(t: torch.Tensor) -> sympy.Expr:
     return numel * t.element_size()
 
 
+def storage_bytes(t: torch.Tensor) -> sympy.Expr:
+    """Bytes of the storage a (fake) tensor keeps alive: for a view, its base's whole storage
+    (saving one chunk of a fused QKV projection keeps all three alive); else its elements."""
+    try:
+        nbytes = t.untyped_storage().nbytes()
+    except (NotImplementedError, RuntimeError):  # tensors without a storage (sparse, nested)
+        return tensor_bytes(t)
+    if isinstance(nbytes, torch.SymInt):
+        return sympy.sympify(nbytes.node.expr)
+    return sympy.Integer(int(nbytes))
+
+
 def value_bytes(val: Any) -> sympy.Expr:
-    """Bytes of a node's ``meta["val"]``: tensors, SymInts (8 bytes), tuples (the sum)."""
+    """Bytes a node's ``meta["val"]`` keeps alive if saved: a tensor's storage
+    (:func:`storage_bytes`), SymInts (8 bytes), tuples (the sum of their tensors' elements)."""
     if isinstance(val, torch.Tensor):
-        return tensor_bytes(val)
+        return storage_bytes(val)
     if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)):
         return sympy.Integer(SYMINT_BYTES)
     if isinstance(val, (list, tuple)):

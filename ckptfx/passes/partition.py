@@ -60,13 +60,13 @@ def apply_plan(joint: JointGraph, plan, config: RematConfig | None = None, graph
     """
     from ckptfx.analysis.table import build_table
     from ckptfx.passes.rewrite import apply_plan as rewrite
-    from ckptfx.planner import size_hints
+    from ckptfx.planner import rank_safe_cost_model, size_hints
     from ckptfx.report import build_report
 
     start = time.perf_counter()
     config = config or RematConfig()
     fw, bw = rewrite(joint, plan)
-    table = build_table(joint, size_hints(joint, config), cost_model=config.cost_model)
+    table = build_table(joint, size_hints(joint, config), cost_model=rank_safe_cost_model(config))
     elapsed = time.perf_counter() - start
     return fw, bw, build_report(graph_id, plan, table, elapsed,
                                 predicted_peak=_safe_peak(fw, bw, joint, table.hints))

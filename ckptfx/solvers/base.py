@@ -179,3 +179,42 @@ def recompute_cost(problem: SolveProblem, saved: set[str] | tuple[str, ...]) -> 
     nodes = problem.by_name()
     recomputed, _ = needed_closure(problem, set(saved))
     return sum(nodes[r].recompute_cost for r in recomputed if nodes[r].in_forward)
+
+
+def least_recompute_saved(problem: SolveProblem) -> tuple[str, ...]:
+    """The saved set that recomputes nothing: every forward value the backward reads, directly
+    or through backward-native nodes (computed in the backward anyway, at no extra cost).
+
+    A backward-native node is saved only when a policy says MUST_SAVE or when computing it in
+    the backward would need a value no plan can provide (e.g. the mask of a random op's
+    tuple); a node that may not be saved (a tuple, a MUST_RECOMPUTE vote) hands the walk on
+    to its producers. The result is invalid only when no plan exists (check with
+    :func:`needed_closure`). Its bytes are the "no recompute" figure of reports.
+    """
+    for descend_backward_native in (True, False):
+        saved = _least_recompute_walk(problem, descend_backward_native)
+        if descend_backward_native and needed_closure(problem, set(saved))[1]:
+            continue
+        return saved
+    return saved
+
+
+def _least_recompute_walk(problem: SolveProblem, descend_backward_native: bool) -> tuple[str, ...]:
+    by_name = problem.by_name()
+    saved: set[str] = set()
+    seen: set[str] = set()
+    stack = [n.name for n in problem.nodes if n.needed_by_backward]
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = by_name[name]
+        savable = node.can_save and node.force != RECOMPUTE
+        wanted_here = (node.in_forward or node.is_input or node.force == SAVE
+                       or not descend_backward_native)
+        if wanted_here and (savable or node.is_input):
+            saved.add(name)
+        else:
+            stack.extend(node.inputs)
+    return tuple(n.name for n in problem.nodes if n.name in saved)

@@ -47,6 +47,7 @@ from ckptfx.solvers.base import (
     ProblemNode,
     SolveProblem,
     Solution,
+    least_recompute_saved,
     needed_closure,
     recompute_cost,
     saved_bytes,
@@ -103,24 +104,12 @@ def prune_unused(problem: SolveProblem, saved: Iterable[str]) -> tuple[str, ...]
 
 
 def least_recompute_plan(problem: SolveProblem) -> tuple[str, ...]:
-    """The cheapest plan: save every needed node that may be saved; the others (which every
-    valid plan computes in the backward) get their producers saved the same way.
+    """The cheapest plan (:func:`ckptfx.solvers.base.least_recompute_saved`), validated.
 
     Raises:
         UnsupportedGraphError: no valid plan exists (via :func:`least_bytes_plan`'s path).
     """
-    nodes = problem.by_name()
-    saved, seen = set(), set()
-    stack = [n.name for n in problem.nodes if n.needed_by_backward]
-    while stack:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        if can_be_saved(nodes[name]):
-            saved.add(name)
-        else:
-            stack.extend(nodes[name].inputs)
+    saved = set(least_recompute_saved(problem))
     _, violations = needed_closure(problem, saved)
     if violations:
         least_bytes_plan(problem)  # raises with the offending path when no plan exists
