@@ -90,7 +90,8 @@ class CkptBackend:
     """A torch.compile backend that plans rematerialization with ckptfx.
 
     Args:
-        config: a RematConfig; or pass options as keywords (``CkptBackend(memory_budget=0.5)``).
+        config: a RematConfig or a dict of options; or pass options as keywords
+            (``CkptBackend(memory_budget=0.5)``).
         **options: RematConfig fields (validated: unknown keys raise ConfigError).
 
     Attributes:
@@ -101,7 +102,8 @@ class CkptBackend:
     def __init__(self, config: RematConfig | None = None, **options: Any) -> None:
         if config is not None and options:
             raise TypeError("CkptBackend: pass either a RematConfig or keyword options, not both")
-        self.config = config if config is not None else RematConfig.from_options(options)
+        self.config = RematConfig.coerce(config) if config is not None else \
+            RematConfig.from_options(options)
         self.reports: list[RematReport] = []
 
     def __call__(self, gm, example_inputs):

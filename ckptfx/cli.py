@@ -121,13 +121,13 @@ def main(argv: list[str] | None = None) -> int:
                           help="comma-separated memory_budget values")
     frontier.add_argument("--plot", default=None, help="write a PNG plot to this path")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from ckptfx.errors import CkptfxError
 
     try:
         return {"demo": cmd_demo, "report": cmd_report,
                 "frontier": cmd_frontier}[args.command](args)
-    except CkptfxError as exc:
+    except (CkptfxError, ImportError) as exc:
         print(f"ckptfx: {exc}", file=sys.stderr)
         return 2
 

@@ -66,7 +66,7 @@ class MemoryBudget:
         return least + int(math.floor(self.fraction * max(0, default - least)))
 
     def __str__(self) -> str:
-        return f"{self.fraction:g}" if self.fraction is not None else f"{self.nbytes} B"
+        return repr(float(self.fraction)) if self.fraction is not None else f"{self.nbytes} B"
 
 
 def parse_budget(value: Any) -> MemoryBudget | None:
@@ -76,15 +76,15 @@ def parse_budget(value: Any) -> MemoryBudget | None:
         value: None (no budget); a float in [0, 1] (0 = the least memory achievable, 1 = what
             the pass keeps without a budget; see Note [Budget fractions]); an int >= 2 (bytes); or a string size such as ``"512MiB"``, ``"2GB"``,
             ``"1e9B"`` (units B, KB, MB, GB, TB = powers of 1000; KiB, MiB, GiB, TiB = powers
-            of 1024; a bare number in a string means bytes).
+            of 1024; the unit is required).
 
     Returns:
         A MemoryBudget, or None.
 
     Raises:
         ConfigError: NaN, infinite, negative, a fraction above 1, a bool, a bare int 0 or 1
-            (ambiguous between a fraction and bytes: write 0.0/1.0 or "1B"), an unparsable
-            string or an unknown unit.
+            (ambiguous between a fraction and bytes: write 0.0/1.0 or "1B"), a string without
+            a unit ("0.5": a fraction or bytes?), an unparsable string or an unknown unit.
     """
     allowed = ("a float fraction in [0, 1], int bytes >= 2, or a size string like '512MiB' "
                "(units: " + ", ".join(_UNITS) + ")")
@@ -113,6 +113,11 @@ def parse_budget(value: Any) -> MemoryBudget | None:
         unit = match.group(2).lower() if match else ""
         if match is None or (unit and unit not in _UNITS):
             raise ConfigError(f"memory_budget={value!r} is not a size; use {allowed}")
+        if not unit:
+            raise ConfigError(
+                f"memory_budget={value!r} has no unit: write a float for a fraction "
+                f"(memory_budget={match.group(1)}) or a size with a unit ('{match.group(1)}B', "
+                f"'{match.group(1)}MiB')")
         nbytes = float(match.group(1)) * _UNITS.get(unit, 1)
         if math.isnan(nbytes) or nbytes < 0:
             raise ConfigError(f"memory_budget={value!r} is negative; use {allowed}")
@@ -145,7 +150,7 @@ class RematConfig:
         recompute_expensive: allow the min-cut to recompute compute-bound ops
             (matmul, convolution, attention). Off by default: PyTorch's choice too.
         layers_per_checkpoint: k of the uniform policy/solver; None means round(sqrt(n)).
-        time_limit_s: wall-clock limit of exact solvers, seconds (> 0).
+        time_limit_s: wall-clock limit of exact solvers and of the peak search, seconds (> 0).
         unbacked_size_hint: the size assumed for an unbacked SymInt (a data-dependent size)
             that the ShapeEnv cannot bound, elements; a bounded one takes its upper bound.
             Every choice is logged and noted in the report; see ``Note [Unbacked sizes]``
@@ -212,6 +217,23 @@ class RematConfig:
         if "memory_budget" in options:
             options["memory_budget"] = parse_budget(options["memory_budget"])
         return cls(**options)
+
+    @classmethod
+    def coerce(cls, config: "RematConfig | dict[str, Any] | None") -> "RematConfig":
+        """The one way public entry points accept options: None (defaults), a RematConfig,
+        or a dict of options (validated like ``options=``).
+
+        Raises:
+            ConfigError: anything else, or a dict with an unknown key or a bad value.
+        """
+        if config is None:
+            return cls()
+        if isinstance(config, cls):
+            return config
+        if isinstance(config, dict):
+            return cls.from_options(config)
+        raise ConfigError(f"config={config!r}: allowed values: None, a ckptfx.RematConfig, or a "
+                          f"dict of options such as {{'memory_budget': 0.5}}")
 
     def cache_key(self) -> str:
         """A stable string of every option, for compile caches (see ``CkptPartitioner.uuid``)."""

@@ -55,7 +55,7 @@ def pareto(joint: JointGraph, budgets: Sequence[float | int | str] = DEFAULT_BUD
     from ckptfx.passes.partition import apply_plan
     from ckptfx.planner import plan_remat
 
-    base = config or RematConfig(solver="budget")
+    base = RematConfig.coerce(config) if config is not None else RematConfig(solver="budget")
     rows = []
     for b in budgets:
         cfg = dataclasses.replace(base, memory_budget=parse_budget(b), strict=False)
@@ -84,11 +84,9 @@ def format_frontier(rows: Sequence[FrontierRow]) -> str:
 
 def plot_frontier(rows: Sequence[FrontierRow], path: str | None = None):
     """Predicted peak and saved bytes against extra FLOPs (matplotlib; returns the Figure)."""
-    import matplotlib
+    from ckptfx.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     mib = 2 ** 20
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = [r.extra_flops / 1e6 for r in rows]

@@ -14,6 +14,10 @@ depends on the emitted graphs' schedule, so it is met by a search over saved-byt
     4. The answer is the feasible candidate with the least recompute cost; if none fits, the
        candidate with the least peak, reported infeasible.
 
+The whole search keeps to ``time_limit_s``: the least-bytes plan, the no-budget plan and the
+layer-wise plans are always simulated; the sweep and the bisection stop at the deadline (the
+notes say how many plans were simulated).
+
 The peak is not monotone in s in general (a larger saved set can shorten a recompute chain's
 lifetime), which is why every candidate is simulated and the best feasible one is kept
 rather than trusting the bisection's last step.
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 from ckptfx.solvers.base import SolveProblem, Solution, recompute_cost, saved_bytes
 
@@ -42,11 +47,14 @@ class Candidate:
     cost: float
 
 
-def _evaluate(joint, problem: SolveProblem, solver, bound: int, to_plan) -> Candidate:
+def _evaluate(joint, problem: SolveProblem, solver, bound: int, to_plan,
+              deadline: float | None = None) -> Candidate:
     from ckptfx.memory import predict_peak
     from ckptfx.passes.rewrite import apply_plan
 
-    sub = dataclasses.replace(problem, budget_bytes=bound, budget_kind="saved")
+    limit = problem.time_limit_s if deadline is None else max(0.5, deadline - time.monotonic())
+    sub = dataclasses.replace(problem, budget_bytes=bound, budget_kind="saved",
+                              time_limit_s=min(problem.time_limit_s, limit))
     solution = solver.solve(sub)
     fw, bw = apply_plan(joint, to_plan(sub, solution))
     peak = predict_peak(fw, bw, joint) or 0
@@ -72,16 +80,21 @@ def solve_for_peak(joint, problem: SolveProblem, solver, budget, full_saved: int
     Returns:
         (solution, its simulated peak in bytes, the peak budget in bytes).
     """
-    low = _evaluate(joint, problem, solver, 0, to_plan)
+    deadline = time.monotonic() + problem.time_limit_s
+    low = _evaluate(joint, problem, solver, 0, to_plan, deadline)
     least = saved_bytes(problem, low.solution.saved)
-    seen = [low] + [_evaluate(joint, problem, solver, least + (full_saved - least) * i // SWEEP,
-                              to_plan) for i in range(1, SWEEP + 1)]
+    seen = [low]
+    for i in range(1, SWEEP + 1):
+        if time.monotonic() > deadline:
+            break
+        seen.append(_evaluate(joint, problem, solver, least + (full_saved - least) * i // SWEEP,
+                              to_plan, deadline))
     anchor = _evaluate_solution(joint, problem, default, to_plan)
     seen += [anchor] + [_evaluate_solution(joint, problem, sol, to_plan)
                         for sol in tuple(extra) + layerwise_candidates(problem)]
     least_peak = min(c.peak for c in seen)
     target = budget.resolve(least_peak, max(anchor.peak, least_peak))
-    seen += _refine(joint, problem, solver, to_plan, seen, target)
+    seen += _refine(joint, problem, solver, to_plan, seen, target, deadline)
     feasible = [c for c in seen if c.peak <= target]
     if feasible:
         best = min(feasible, key=lambda c: (c.cost, c.peak))
@@ -119,7 +132,8 @@ def _evaluate_solution(joint, problem, solution: Solution, to_plan) -> Candidate
                      recompute_cost(problem, solution.saved))
 
 
-def _refine(joint, problem, solver, to_plan, seen: list[Candidate], target: int) -> list[Candidate]:
+def _refine(joint, problem, solver, to_plan, seen: list[Candidate], target: int,
+            deadline: float) -> list[Candidate]:
     """Bisects between the largest bound that fits and the next larger one that does not."""
     bounds = sorted({c.bound for c in seen if c.bound is not None})
     fits = {c.bound: c.peak <= target for c in seen}
@@ -127,10 +141,10 @@ def _refine(joint, problem, solver, to_plan, seen: list[Candidate], target: int)
     hi = min((b for b in bounds if lo is not None and b > lo and not fits.get(b)), default=None)
     found = []
     for _ in range(MAX_ROUNDS):
-        if lo is None or hi is None or hi - lo <= max(1, hi // 100):
+        if lo is None or hi is None or hi - lo <= max(1, hi // 100) or time.monotonic() > deadline:
             break
         mid = (lo + hi) // 2
-        cand = _evaluate(joint, problem, solver, mid, to_plan)
+        cand = _evaluate(joint, problem, solver, mid, to_plan, deadline)
         found.append(cand)
         lo, hi = (mid, hi) if cand.peak <= target else (lo, mid)
     return found

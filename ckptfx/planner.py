@@ -278,7 +278,7 @@ def plan_remat(joint: JointGraph, config: RematConfig | None = None) -> RematPla
 
 def plan(joint: JointGraph, config: RematConfig | None = None) -> Planned:
     """Like :func:`plan_remat`, returning every artifact (table, votes, problem) too."""
-    config = config or RematConfig()
+    config = RematConfig.coerce(config)
     hints = size_hints(joint, config)
     table = build_table(joint, hints, cost_model=rank_safe_cost_model(config))
     notes = size_notes(table)

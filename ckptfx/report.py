@@ -76,7 +76,9 @@ class RematReport:
 
     @property
     def gap(self) -> float | None:
-        """Relative optimality gap (objective - bound) / objective, or None if unknown."""
+        """(objective - lower bound) / objective, or None without a bound. For the budget
+        MILP the bound is the LP relaxation's, so a proven-optimal plan can still show a gap;
+        the min-cut's gap is 0."""
         if self.lower_bound is None:
             return None
         if self.objective == 0:
@@ -100,7 +102,7 @@ class RematReport:
             f"  recomputed: {len(self.recomputed)} ops, {self.extra_flops / 1e6:.2f} MFLOP, "
             f"~{self.extra_cost_s * 1e3:.3f} ms (cost model)",
             f"  solve {self.solve_time_s * 1e3:.1f} ms, plan+rewrite {self.plan_time_s * 1e3:.1f} ms"
-            + (f", gap {self.gap:.2%}" if self.gap is not None else "")
+            + (f", {self.gap:.1%} above the LP-relaxation bound" if self.gap else "")
             + (f", predicted peak {self.predicted_peak_bytes / mib:.2f} MiB"
                if self.predicted_peak_bytes is not None else ""),
         ]
@@ -127,10 +129,7 @@ class RematReport:
         Returns:
             The matplotlib Figure.
         """
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         def group(items, key, value):
             out: dict[str, float] = {}
@@ -139,7 +138,7 @@ class RematReport:
             return sorted(out.items(), key=lambda kv: -kv[1])[:20]
 
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-        saved = group(self.saved, lambda s: s.module, lambda s: s.nbytes / 2 ** 20)
+        saved = group(self.saved, lambda s: _short_module(s.module), lambda s: s.nbytes / 2 ** 20)
         ax1.barh([k for k, _ in saved][::-1], [v for _, v in saved][::-1], color="tab:blue")
         ax1.set_xlabel("saved for backward (MiB)")
         ax1.set_title(f"saved: {self.saved_bytes / 2**20:.1f} of "
@@ -153,6 +152,27 @@ class RematReport:
         if path is not None:
             fig.savefig(path, dpi=100)
         return fig
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or an ImportError that says how to install it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'ckptfx[plot]' "
+                          "(or pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _short_module(path: str) -> str:
+    """A module path without Dynamo's ``L['self'].`` prefix."""
+    for prefix in ("L['self'].", "L['self']"):
+        if path.startswith(prefix):
+            return path[len(prefix):]
+    return path
 
 
 def build_report(graph_id: int, plan, table, plan_time_s: float,

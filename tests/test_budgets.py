@@ -120,7 +120,7 @@ def test_peak_budget_is_met_by_simulated_peak():
 
 def test_pareto_frontier_rows():
     rows = ckptfx.pareto(_joint(), budgets=(1.0, 0.6, 0.4, 0.0))
-    assert [r.budget for r in rows] == ["1", "0.6", "0.4", "0"]
+    assert [r.budget for r in rows] == ["1.0", "0.6", "0.4", "0.0"]
     saved = [r.saved_bytes for r in rows]
     assert saved == sorted(saved, reverse=True)
     flops = [r.extra_flops for r in rows]

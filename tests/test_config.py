@@ -19,7 +19,6 @@ from ckptfx.config import MemoryBudget, parse_budget
     ("2GB", MemoryBudget(nbytes=2 * 10**9)),
     ("1.5 KiB", MemoryBudget(nbytes=1536)),
     ("1e6B", MemoryBudget(nbytes=10**6)),
-    ("1024", MemoryBudget(nbytes=1024)),
     (None, None),
 ])
 def test_budget_parsing(value, expected):
@@ -37,6 +36,9 @@ def test_budget_parsing(value, expected):
     (True, "bool"),
     ("lots", "not a size"),
     ("5 parsecs", "not a size"),
+    ("0.5", "no unit"),
+    ("1", "no unit"),
+    ("1024", "no unit"),
     ([1], "type list"),
 ])
 def test_bad_budgets_name_the_option(value, words):
@@ -92,3 +94,12 @@ def test_auto_solver_choice():
     assert RematConfig().effective_solver == "mincut"
     assert RematConfig.from_options({"memory_budget": 0.5}).effective_solver == "budget"
     assert RematConfig.from_options({"solver": "mincut", "memory_budget": 0.5}).effective_solver == "mincut"
+
+
+def test_coerce_accepts_dicts_and_rejects_others():
+    assert RematConfig.coerce(None) == RematConfig()
+    assert RematConfig.coerce({"inner": "eager"}) == RematConfig(inner="eager")
+    with pytest.raises(ConfigError, match="allowed values"):
+        RematConfig.coerce("eager")
+    with pytest.raises(ConfigError, match="memory_budjet"):
+        RematConfig.coerce({"memory_budjet": 0.5})

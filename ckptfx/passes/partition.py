@@ -64,12 +64,34 @@ def apply_plan(joint: JointGraph, plan, config: RematConfig | None = None, graph
     from ckptfx.report import build_report
 
     start = time.perf_counter()
-    config = config or RematConfig()
+    config = RematConfig.coerce(config)
     fw, bw = rewrite(joint, plan)
     table = build_table(joint, size_hints(joint, config), cost_model=rank_safe_cost_model(config))
     elapsed = time.perf_counter() - start
     return fw, bw, build_report(graph_id, plan, table, elapsed,
                                 predicted_peak=_safe_peak(fw, bw, joint, table.hints))
+
+
+def _forward_saved_bytes(fw, num_fwd_outputs: int) -> int:
+    """Bytes of the storages a forward GraphModule returns for the backward (its outputs
+    after the user outputs), for the report of a fallback partition; 0 if unknown."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    from ckptfx.analysis.sizes import SizeHints, value_bytes
+
+    try:
+        out = fw.graph.find_nodes(op="output")[0]
+        saved = pytree.arg_tree_leaves(*out.args)[num_fwd_outputs:]
+        hints = SizeHints.from_shape_env(compat.shape_env_of(fw.graph))
+        storages = {}
+        for node in saved:
+            val = getattr(node, "meta", {}).get("val")
+            if isinstance(val, torch.Tensor):
+                storages[id(val.untyped_storage())] = hints.evaluate(value_bytes(val))
+        return sum(storages.values())
+    except Exception:  # the report is informative only; a fallback must not fail on it
+        return 0
 
 
 def _safe_peak(fw, bw, joint, hints=None) -> int | None:
@@ -134,7 +156,7 @@ def partition_fn(config: RematConfig | None = None,
         ``fn(joint_module, joint_inputs, *, num_fwd_outputs, static_lifetime_input_indices=None,
         **kwargs) -> (fw_module, bw_module)``.
     """
-    config = config or RematConfig()
+    config = RematConfig.coerce(config)
 
     def fn(joint_module, joint_inputs, *, num_fwd_outputs, **kwargs):
         graph_id = next(_graph_ids)
@@ -155,7 +177,8 @@ def partition_fn(config: RematConfig | None = None,
                         graph_id, cause)
             kw = {k: v for k, v in kwargs.items() if k != "compiler"}
             fw, bw = fallback_partition(joint_module, joint_inputs, num_fwd_outputs, **kw)
-            report = RematReport(graph_id=graph_id, solver="torch-fallback", fallback=cause)
+            report = RematReport(graph_id=graph_id, solver="torch-fallback", fallback=cause,
+                                 saved_bytes=_forward_saved_bytes(fw, num_fwd_outputs))
         if on_report is not None:
             on_report(report)
         log.info("%s", report)

@@ -39,7 +39,7 @@ class RematPass(PassBase):
     def __init__(self, config: RematConfig | None = None, *, num_fwd_outputs: int,
                  static_lifetime_input_indices=None) -> None:
         super().__init__()
-        self.config = config or RematConfig()
+        self.config = RematConfig.coerce(config)
         self.num_fwd_outputs = num_fwd_outputs
         self.static = static_lifetime_input_indices
         self.last_plan = self.last_fw = self.last_bw = self.last_report = None
