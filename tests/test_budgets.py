@@ -170,3 +170,21 @@ def test_peak_budgets_on_random_mlps(layers, width, acts):
         else:
             assert plan.budget_bytes < least.predicted_peak_bytes
         assert least.predicted_peak_bytes <= plan.predicted_peak_bytes
+
+
+def test_peak_search_keeps_to_the_time_limit():
+    torch.manual_seed(0)
+    shapes = [(512, 64), (64, 256), (256, 256), (256, 64)]
+    joint = ckptfx.trace_joint(three_layers, *[torch.randn(*s, requires_grad=True) for s in shapes])
+    roomy = ckptfx.plan_remat(joint, RematConfig.from_options(
+        {"memory_budget": 0.0, "budget_kind": "peak"}))
+    hurried = ckptfx.plan_remat(joint, RematConfig.from_options(
+        {"memory_budget": 0.0, "budget_kind": "peak", "time_limit_s": 1e-6}))
+
+    def simulated(plan):
+        (note,) = [n for n in plan.notes if n.startswith("peak search")]
+        return int(note.split()[2])
+
+    # past the deadline only the least-bytes plan and the no-budget plan are simulated
+    assert simulated(hurried) == 2 < simulated(roomy)
+    assert hurried.predicted_peak_bytes <= hurried.budget_bytes
