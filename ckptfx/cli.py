@@ -62,7 +62,8 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_report(args) -> int:
+def _demo_joint(args):
+    """The built-in GPT of the given sizes, traced to its joint graph."""
     import torch
 
     import ckptfx
@@ -72,8 +73,14 @@ def cmd_report(args) -> int:
     torch.manual_seed(0)
     model = TinyGPT(cfg)
     ids = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq))
+    return ckptfx.trace_joint(model, ids)
+
+
+def cmd_report(args) -> int:
+    import ckptfx
+
     config = ckptfx.RematConfig.from_options(_options(args))
-    joint = ckptfx.trace_joint(model, ids)
+    joint = _demo_joint(args)
     plan = ckptfx.plan_remat(joint, config)
     _, _, report = ckptfx.apply_plan(joint, plan, config)
     print(report)
@@ -84,17 +91,10 @@ def cmd_report(args) -> int:
 
 
 def cmd_frontier(args) -> int:
-    import torch
-
     import ckptfx
-    from ckptfx.demo import TinyGPT
     from ckptfx.frontier import format_frontier, plot_frontier
 
-    cfg = _cfg(args)
-    torch.manual_seed(0)
-    model = TinyGPT(cfg)
-    ids = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq))
-    joint = ckptfx.trace_joint(model, ids)
+    joint = _demo_joint(args)
     budgets = [_budget_value(b) for b in args.budgets.split(",")]
     rows = ckptfx.pareto(joint, budgets, ckptfx.RematConfig.from_options(
         {"solver": args.solver or "budget", **({"policy": args.policy} if args.policy else {})}))

@@ -121,8 +121,16 @@ class respect_checkpoint_tags:
         return Vote(kind, f"torch.utils.checkpoint tag {name}{note}")
 
 
-@dataclasses.dataclass(frozen=True)
-class save_ops:
+class _OpsPolicy:
+    """Shared constructor of :class:`save_ops` and :class:`recompute_ops`."""
+
+    def __init__(self, *ops: Any, prefer: bool = False) -> None:
+        object.__setattr__(self, "ops", _checked_ops(type(self).__name__, ops))
+        object.__setattr__(self, "prefer", prefer)
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class save_ops(_OpsPolicy):
     """MUST_SAVE (or PREFER_SAVE with ``prefer=True``) the outputs of these aten ops.
 
     Args:
@@ -137,18 +145,14 @@ class save_ops:
     ops: tuple[Any, ...] = ()
     prefer: bool = False
 
-    def __init__(self, *ops: Any, prefer: bool = False) -> None:
-        object.__setattr__(self, "ops", _checked_ops(type(self).__name__, ops))
-        object.__setattr__(self, "prefer", prefer)
-
     def __call__(self, facts) -> Vote | None:
         if _matches(facts.target, self.ops):
             return Vote(PREFER_SAVE if self.prefer else MUST_SAVE, f"save_ops: {facts.op_name}")
         return None
 
 
-@dataclasses.dataclass(frozen=True)
-class recompute_ops:
+@dataclasses.dataclass(frozen=True, init=False)
+class recompute_ops(_OpsPolicy):
     """MUST_RECOMPUTE (or PREFER_RECOMPUTE with ``prefer=True``) the outputs of these ops.
 
     Args and Raises: as :class:`save_ops`. A MUST_RECOMPUTE on an op that may not be
@@ -157,10 +161,6 @@ class recompute_ops:
 
     ops: tuple[Any, ...] = ()
     prefer: bool = False
-
-    def __init__(self, *ops: Any, prefer: bool = False) -> None:
-        object.__setattr__(self, "ops", _checked_ops(type(self).__name__, ops))
-        object.__setattr__(self, "prefer", prefer)
 
     def __call__(self, facts) -> Vote | None:
         if _matches(facts.target, self.ops):
