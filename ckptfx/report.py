@@ -121,7 +121,8 @@ class RematReport:
         return "\n".join(lines)
 
     def plot(self, path: str | None = None):
-        """Bar charts of saved bytes per module and recompute cost per op.
+        """Bar charts of saved bytes per module (per op when the graph has no module paths)
+        and recompute work per op.
 
         Args:
             path: where to write a PNG; None returns the figure without writing.
@@ -138,9 +139,11 @@ class RematReport:
             return sorted(out.items(), key=lambda kv: -kv[1])[:20]
 
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-        saved = group(self.saved, lambda s: _short_module(s.module), lambda s: s.nbytes / 2 ** 20)
+        by_module = any(s.module for s in self.saved)  # graphs traced without Dynamo have none
+        saved = group(self.saved, lambda s: _short_module(s.module) if by_module else s.op,
+                      lambda s: s.nbytes / 2 ** 20)
         ax1.barh([k for k, _ in saved][::-1], [v for _, v in saved][::-1], color="tab:blue")
-        ax1.set_xlabel("saved for backward (MiB)")
+        ax1.set_xlabel(f"saved for backward (MiB), by {'module' if by_module else 'op'}")
         ax1.set_title(f"saved: {self.saved_bytes / 2**20:.1f} of "
                       f"{self.saved_bytes_no_remat / 2**20:.1f} MiB")
         rec = group(self.recomputed, lambda r: r.op, lambda r: r.flops / 1e6)
