@@ -227,6 +227,55 @@ def inductor_config():
     return cfg
 
 
+# Note [Layouts the plan assumed]
+#     A plan is made on the strides traced into the joint graph (``meta["val"]``): its byte
+#     counts (a saved view of a parameter costs nothing; a saved input is not a copy) and the
+#     meaning of stride-sensitive ops it recomputes (``as_strided`` reinterprets its base's
+#     memory) rest on them. Inductor may change the layout of a forward output that the user
+#     does not see, which is every saved value: layout optimisation makes 4-D tensors near a
+#     convolution channels-last (and saves a channels-last *copy* of an input), and padding
+#     widens the strides of large outputs. In the backward a recomputed ``as_strided`` then
+#     reads the wrong elements of a re-laid-out base (GroupNorm's decomposition, wrong
+#     gradients), and autograd keeps more bytes than the plan says (1.3x-1.5x on conv nets).
+#     So for the graphs ckptfx partitions: layout optimisation is off, saved outputs are not
+#     padded, and the base of every ``as_strided`` is realized at its traced strides. Cost:
+#     Inductor's channels-last convolutions (measured in ``bench/``); the gain: what runs
+#     is what was planned, bit for bit in layout.
+_STRIDE_SENSITIVE = ("as_strided.default", "as_strided_.default", "as_strided_scatter.default",
+                     "as_strided_copy.default")
+
+
+def inductor_config_patches() -> dict[str, Any]:
+    """Inductor options for the graphs ckptfx partitions (Note [Layouts the plan assumed])."""
+    return {"layout_optimization": False}
+
+
+def keep_planned_layouts(fw: fx.GraphModule, bw: fx.GraphModule) -> None:
+    """Marks the partitioned graphs so Inductor keeps the layouts the plan assumed, in place.
+
+    Every forward output is marked ``dislike_padding`` (Inductor pads the strides of outputs
+    the user does not see, i.e. of saved values); in both graphs the base of a
+    stride-sensitive op is realized at its traced strides (``inductor_realize_to_strides``).
+    See Note [Layouts the plan assumed].
+    """
+    out = fw.graph.find_nodes(op="output")[0]
+    for node in out.all_input_nodes:
+        node.meta["dislike_padding"] = True
+    for gm in (fw, bw):
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and \
+                    _overload_name(node) in _STRIDE_SENSITIVE and node.args:
+                base = node.args[0]
+                if isinstance(base, fx.Node):
+                    base.meta["inductor_realize_to_strides"] = True
+                    base.meta["dislike_padding"] = True
+
+
+def _overload_name(node: fx.Node) -> str:
+    target = node.target
+    return f"{getattr(target, '_opname', '')}.{getattr(target, '_overloadname', '')}"
+
+
 def compile_fx(gm, example_inputs, **kwargs):
     from torch._inductor.compile_fx import compile_fx as _compile_fx
 

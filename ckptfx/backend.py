@@ -60,7 +60,9 @@ def _partitioner_class():
             self._fn = partition_fn(config, on_report)
 
         def __call__(self, gm, joint_inputs, **kwargs):
-            return self._fn(gm, joint_inputs, **kwargs)
+            fw, bw = self._fn(gm, joint_inputs, **kwargs)
+            compat.keep_planned_layouts(fw, bw)
+            return fw, bw
 
         def uuid(self) -> Any:
             return hashlib.sha256(
@@ -123,8 +125,8 @@ class CkptBackend:
                 keep_inference_input_mutations=True,
             )(gm, example_inputs)
         partitioner = make_inductor_partitioner(self.config, self.reports.append)
-        return compat.compile_fx(gm, example_inputs,
-                                 config_patches={"custom_partitioner_fn": partitioner})
+        patches = {"custom_partitioner_fn": partitioner, **compat.inductor_config_patches()}
+        return compat.compile_fx(gm, example_inputs, config_patches=patches)
 
     def __repr__(self) -> str:
         return f"CkptBackend({self.config!r})"
