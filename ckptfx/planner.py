@@ -26,7 +26,7 @@ from ckptfx.analysis.layers import find_blocks
 from ckptfx.analysis.sizes import SizeHints
 from ckptfx.analysis.table import NodeTable, build_table
 from ckptfx.config import RematConfig
-from ckptfx.errors import InfeasibleBudgetError
+from ckptfx.errors import ConfigError, InfeasibleBudgetError
 from ckptfx.joint import JointGraph, Role
 from ckptfx.plan import BACKWARD, FORWARD_ONLY, RECOMPUTE, SAVE, Decision, RematPlan
 from ckptfx.policies import (
@@ -46,6 +46,7 @@ from ckptfx.solvers.base import (
     least_recompute_saved,
     needed_closure,
     saved_bytes,
+    saved_storages,
 )
 
 log = logging.getLogger("ckptfx")
@@ -132,6 +133,7 @@ def build_problem(joint: JointGraph, table: NodeTable, votes: dict[str, Vote],
     bw_outputs = _backward_output_names(joint)
     static_storages = {_storage_id(n) for n in joint.graph.nodes
                        if n.name in joint.static_input_names} - {None}
+    owners: dict[int, str] = {}  # storage -> the first candidate holding it (its owner)
     candidates = [n for n in joint.graph.nodes
                   if n.name in joint.fw_computable and n.op in ("placeholder", "call_function")]
     names = {n.name for n in candidates}
@@ -159,7 +161,9 @@ def build_problem(joint: JointGraph, table: NodeTable, votes: dict[str, Vote],
         needed = node.name in bw_outputs or any(
             u.op != "output" and u.name not in joint.fw_computable for u in node.users)
         in_forward = row.role in (Role.FORWARD, Role.PRIMAL)
-        static = node.name in joint.static_input_names or _storage_id(node) in static_storages
+        storage = _storage_id(node)
+        static = node.name in joint.static_input_names or storage in static_storages
+        owner = owners.setdefault(storage, node.name) if storage is not None else node.name
         nodes.append(ProblemNode(
             name=node.name,
             nbytes=0 if static else table.bytes_of(node.name),
@@ -174,9 +178,10 @@ def build_problem(joint: JointGraph, table: NodeTable, votes: dict[str, Vote],
             force=force,
             prefer=prefer,
             reason=reason,
+            storage_owner="" if owner == node.name else owner,
         ))
     layers = tuple(tuple(n for n in block.nodes if n in names) for block in find_blocks(table))
-    return SolveProblem(nodes=tuple(nodes), budget_kind=config.budget_kind,
+    return SolveProblem(nodes=tuple(nodes), budget_kind=config.effective_budget_kind,
                         time_limit_s=float(config.time_limit_s), layers=layers)
 
 
@@ -215,9 +220,15 @@ def to_plan(problem: SolveProblem, solution: Solution, solver: str, solve_time_s
             no_remat_bytes: int = 0) -> RematPlan:
     """Turns a Solution into a validated RematPlan with a decision for every candidate."""
     by_name = problem.by_name()
-    saved = set(solution.saved)
+    saved, owners = saved_storages(problem, solution.saved)
     recomputed, _ = needed_closure(problem, saved)
+    nbytes = sum(by_name[s].nbytes for s in saved)
+    within = (problem.budget_bytes is None or problem.budget_kind != "saved"
+              or nbytes <= problem.budget_bytes)
     reasons = dict(solution.reasons)
+    for owner, view in owners.items():
+        reasons[owner] = f"owns the storage of {view} ({reasons.get(view, f'{solver}: saved')})"
+        reasons[view] = f"a view of saved {owner}: recomputed for free"
     decisions = {}
     for node in problem.nodes:
         if node.name in saved:
@@ -236,10 +247,10 @@ def to_plan(problem: SolveProblem, solution: Solution, solver: str, solve_time_s
                          if n.name in recomputed and by_name[n.name].in_forward),
         decisions=decisions,
         solver=solver,
-        saved_bytes=sum(by_name[s].nbytes for s in saved),
+        saved_bytes=nbytes,
         no_remat_bytes=no_remat_bytes,
         budget_bytes=problem.budget_bytes,
-        feasible=solution.feasible,
+        feasible=solution.feasible and within,
         objective=solution.objective,
         lower_bound=solution.lower_bound,
         solve_time_s=solve_time_s,
@@ -287,10 +298,15 @@ def plan(joint: JointGraph, config: RematConfig | None = None) -> Planned:
     full = saved_bytes(problem, least_recompute_saved(problem))
     solver_name, kwargs = select_solver(config)
     solver = registry.get(solver_name, **kwargs)
+    if config.memory_budget is not None and not getattr(solver, "takes_budget", True):
+        raise ConfigError(
+            f"solver={solver_name!r} finds the fewest saved bytes and takes no memory_budget "
+            f"(memory_budget={config.memory_budget}); use solver='auto' (min-cut without a "
+            f"budget, the budget MILP with one), 'budget', 'greedy' or 'uniform'")
     start = time.perf_counter()
     peak = None
     budget = config.memory_budget
-    if budget is not None and config.budget_kind == "peak":
+    if budget is not None and config.effective_budget_kind == "peak":
         from ckptfx.peak_budget import solve_for_peak
 
         default = Solution(mincut_saved(problem, config.recompute_expensive))
@@ -376,12 +392,12 @@ def _solver_kwargs(name: str, config: RematConfig) -> dict[str, Any]:
 
 
 def _infeasible(plan: RematPlan, config: RematConfig) -> None:
-    if config.budget_kind == "peak":
+    if config.effective_budget_kind == "peak":
         figure, what = plan.predicted_peak_bytes or 0, "has a simulated peak of"
     else:
         figure, what = plan.saved_bytes, "keeps"
     msg = (f"memory_budget={config.memory_budget} ({plan.budget_bytes} B, kind "
-           f"{config.budget_kind!r}) cannot be met; the closest plan {what} {figure} B. Raise "
+           f"{config.effective_budget_kind!r}) cannot be met; the closest plan {what} {figure} B. Raise "
            f"the budget to at least that, or allow more recomputation (solver, policy)")
     if config.strict:
         raise InfeasibleBudgetError(msg, budget_bytes=plan.budget_bytes or 0,

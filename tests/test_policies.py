@@ -301,11 +301,11 @@ OP_CASES = {
     "save_ops_sin": (chain, [(N, N)], policies.save_ops(aten.sin), ("sin", "cos_1"),
                      ("cos", "tanh"), 512),
     "save_ops_overload": (chain, [(N, N)], policies.save_ops(aten.cos.default),
-                          ("primals_1", "detach_1"), ("sin",), 512),
+                          ("primals_1", "tanh"), ("sin",), 512),
     "recompute_ops_relu": (mlp, [(N, N)] * 3, policies.recompute_ops(aten.relu),
-                           ("mm", "t_1", "t_2", "t_3"), ("relu",), 1024),
+                           ("primals_1", "primals_2", "primals_3", "mm"), ("relu",), 1024),
     "recompute_ops_mm": (mlp, [(N, N)] * 3, policies.recompute_ops(aten.mm),
-                         ("primals_1", "primals_2", "t_1"), ("mm", "relu"), 768),
+                         ("primals_1", "primals_2", "primals_3"), ("mm", "relu"), 768),
     "recompute_ops_softmax": (attention, [(4, 64, 32)], policies.recompute_ops(aten._softmax),
                               ("primals_1", "div"),
                               ("transpose", "expand", "view", "expand_1", "view_1", "_softmax",
@@ -381,7 +381,7 @@ def test_save_modules_saves_what_ran_in_matching_modules():
     report = _check_parity(model, x, policy=policies.save_modules("*.mlp"))
     # the default plan recomputes gelu from the fc output; the glob keeps gelu's output too
     assert saved_with_bytes(report) == tuple(sorted(
-        saved_with_bytes(default) + ("view_12",), key=[s.name for s in report.saved].index))
+        saved_with_bytes(default) + ("gelu",), key=[s.name for s in report.saved].index))
     assert report.saved_bytes == default.saved_bytes + 4 * X_BYTES
     assert "gelu" not in {r.name for r in report.recomputed}
     assert "gelu" in {r.name for r in default.recomputed}
@@ -395,8 +395,8 @@ def test_megatron_selective_on_eager_attention():
     # the residual adds preferred recomputed it stands in for the residual stream) and the
     # fc output (32 KiB); block 0's MLP output too (block 1 recomputes its input from it).
     # No seq x seq scores: QK^T, mask, softmax and .V are recomputed.
-    assert saved_with_bytes(report) == ("primals_3", "view_1", "view_9", "view_11", "view_13",
-                                        "view_15", "view_23", "view_25")
+    assert saved_with_bytes(report) == ("primals_3", "addmm", "addmm_1", "addmm_2", "addmm_3",
+                                        "addmm_4", "addmm_5", "addmm_6")
     assert report.saved_bytes == X_BYTES * (1 + 2 * (3 + 1 + 4) + 1)
     assert report.saved_bytes < default.saved_bytes
     assert "_softmax" in saved_with_bytes(default)

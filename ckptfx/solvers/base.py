@@ -57,6 +57,8 @@ class ProblemNode:
             negative favours recomputing it. Solvers that optimise cost add it to the
             objective when the node is recomputed.
         reason: why the constraints above are what they are (for reports and errors).
+        storage_owner: the node whose storage this node's value lives in when that is another
+            node (a view of it), else "" (see Note [Saved values are storages]).
     """
 
     name: str
@@ -72,6 +74,7 @@ class ProblemNode:
     force: Force | None = None
     prefer: float = 0.0
     reason: str = ""
+    storage_owner: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,9 +124,17 @@ class Solution:
 
 
 class Solver(Protocol):
-    """A solver maps a SolveProblem to a Solution. Solvers are pure: no torch, no globals."""
+    """A solver maps a SolveProblem to a Solution. Solvers are pure: no torch, no globals.
+
+    Attributes:
+        name: the registry name.
+        takes_budget: whether the solver bounds the saved bytes by ``budget_bytes`` (a solver
+            without the attribute is assumed to; every plan is checked against the budget
+            anyway, ``ckptfx.planner.to_plan``).
+    """
 
     name: str
+    takes_budget: bool
 
     def solve(self, problem: SolveProblem) -> Solution:  # pragma: no cover - protocol
         ...
@@ -218,3 +229,42 @@ def _least_recompute_walk(problem: SolveProblem, descend_backward_native: bool) 
         else:
             stack.extend(node.inputs)
     return tuple(n.name for n in problem.nodes if n.name in saved)
+
+
+def saved_storages(problem: SolveProblem, saved: set[str] | tuple[str, ...]) -> tuple[set[str], dict[str, str]]:
+    """A saved set where every view is replaced by the node that owns its storage.
+
+    Note [Saved values are storages]
+        Saving a view keeps its base's whole storage alive, so the byte model already charges
+        a view its base's bytes, and recomputing a view from its base costs nothing. But a
+        compiler may not return a saved view as a view: Inductor realizes a view output, and
+        an ``expand`` (a grouped-query attention's key/value repeat) comes back as a copy
+        twice its base's size. Saving the owner of the storage instead, and recomputing the
+        view in the backward, keeps the same memory in the model and makes the model exact
+        under every compiler; two saved views of one storage are counted once. A view stays
+        saved where the swap would break the plan (the owner may not be saved, or the path
+        from it may not be recomputed, or a policy forces the view saved).
+
+    Args:
+        problem: the problem.
+        saved: a valid saved set.
+
+    Returns:
+        (new saved set, {owner: view it replaces}).
+    """
+    nodes = problem.by_name()
+    swaps = {s: nodes[s].storage_owner for s in sorted(saved)
+             if nodes[s].storage_owner and nodes[s].force is None}
+    if not swaps:
+        return set(saved), {}
+    every = (set(saved) - set(swaps)) | set(swaps.values())
+    if not needed_closure(problem, every)[1]:  # the common case: one check
+        return every, {owner: view for view, owner in reversed(swaps.items())}
+    current = set(saved)
+    replaced: dict[str, str] = {}
+    for view, owner in swaps.items():
+        trial = (current - {view}) | {owner}
+        if not needed_closure(problem, trial)[1]:
+            current = trial
+            replaced.setdefault(owner, view)
+    return current, replaced
