@@ -292,3 +292,21 @@ def flop_registry():
     from torch.utils.flop_counter import flop_registry as reg
 
     return reg
+
+
+def current_compile_id() -> tuple[int, int] | None:
+    """(frame id, compile attempt of that frame) of the Dynamo compile in progress, or None
+    outside one."""
+    from torch._guards import CompileContext
+
+    cid = CompileContext.current_compile_id()
+    if cid is None or getattr(cid, "frame_id", None) is None:
+        return None
+    return int(cid.frame_id), int(cid.frame_compile_id or 0)
+
+
+def inductor_cache_dir() -> str:
+    """The directory of Inductor's on-disk caches (``TORCHINDUCTOR_CACHE_DIR``)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()

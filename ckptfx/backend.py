@@ -24,13 +24,19 @@ Inner compilers:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import logging
+import os
 import pathlib
 from typing import Any
 
-from ckptfx.config import RematConfig
+from ckptfx.config import MemoryBudget, RematConfig
+from ckptfx.ledger import BudgetLedger, ReportStore, graph_fingerprint
 from ckptfx.report import RematReport
+
+log = logging.getLogger("ckptfx")
 
 
 @functools.lru_cache(maxsize=1)
@@ -91,6 +97,11 @@ def make_inductor_partitioner(config: RematConfig, on_report=None):
 class CkptBackend:
     """A torch.compile backend that plans rematerialization with ckptfx.
 
+    One backend object is one model: a ``memory_budget`` in bytes is shared by all the
+    graphs Dynamo makes of it (graph breaks, DDP buckets; Note [One byte budget per model]
+    in :mod:`ckptfx.ledger`), and every graph adds its report to :attr:`reports`, restored
+    from disk when Inductor's cache serves the compile.
+
     Args:
         config: a RematConfig or a dict of options; or pass options as keywords
             (``CkptBackend(memory_budget=0.5)``).
@@ -99,6 +110,7 @@ class CkptBackend:
     Attributes:
         config: the RematConfig in use.
         reports: one RematReport per joint graph partitioned, in compile order.
+        ledger: bytes each compiled graph keeps for the backward (a BudgetLedger).
     """
 
     def __init__(self, config: RematConfig | None = None, **options: Any) -> None:
@@ -107,29 +119,112 @@ class CkptBackend:
         self.config = RematConfig.coerce(config) if config is not None else \
             RematConfig.from_options(options)
         self.reports: list[RematReport] = []
+        self.ledger = BudgetLedger()
+        self._counts = {"planned": 0, "from cache": 0, "fell back": 0}
 
     def __call__(self, gm, example_inputs):
         from ckptfx import _torch_compat as compat
 
-        if self.config.inner == "eager":
-            from functorch.compile import make_boxed_func
+        key = graph_fingerprint(gm, example_inputs)
+        compile_id = compat.current_compile_id()
+        held, others = self.ledger.held_by_others(key, compile_id)
+        config = self._graph_config(held)
+        got: list[RematReport] = []
+        from_cache = False
+        note = self._budget_note(config, held, others)
+        on_report = functools.partial(_collect, got, note)
+        if config.inner == "eager":
+            compiled = _compile_eager(gm, example_inputs, config, on_report)
+        else:
+            partitioner = make_inductor_partitioner(config, on_report)
+            patches = {"custom_partitioner_fn": partitioner, **compat.inductor_config_patches()}
+            compiled = compat.compile_fx(gm, example_inputs, config_patches=patches)
+            store = ReportStore(os.path.join(compat.inductor_cache_dir(), "ckptfx-reports"))
+            store_key = hashlib.sha256(f"{partitioner.uuid()}|{key}".encode()).hexdigest()
+            if got:
+                store.save(store_key, got)
+            elif _needs_autograd(example_inputs):
+                got, from_cache = _restored(store.load(store_key), note), True
+        self.reports.extend(got)
+        self.ledger.record(key, compile_id, sum(r.saved_bytes for r in got))
+        if note and not all(r.feasible for r in got):
+            log.warning("ckptfx: memory_budget=%s is the model's, and its other %d graph(s) keep "
+                        "%d B of it: this graph cannot fit in the rest, and the model keeps %d B. "
+                        "Raise the budget, or remove graph breaks so one plan sees the model",
+                        self.config.memory_budget, others, held, self.ledger.total)
+        self._log(got, from_cache)
+        return compiled
 
-            from ckptfx.passes.partition import partition_fn
+    def _graph_config(self, held: int) -> RematConfig:
+        """This graph's config: a byte budget less what the model's other graphs keep."""
+        budget = self.config.memory_budget
+        if budget is None or budget.nbytes is None or not held:
+            return self.config
+        return dataclasses.replace(
+            self.config, memory_budget=MemoryBudget(nbytes=max(0, budget.nbytes - held)))
 
-            def nop(g, _inputs):
-                return make_boxed_func(g.forward)
+    def _budget_note(self, config: RematConfig, held: int, others: int) -> str:
+        if config is self.config:
+            return ""
+        return (f"memory_budget={self.config.memory_budget} is the model's: {held} B are kept "
+                f"by {others} other graph(s), this graph is planned with "
+                f"{config.memory_budget.nbytes} B")
 
-            return compat.aot_autograd_backend(
-                fw_compiler=nop, bw_compiler=nop, inference_compiler=nop,
-                partition_fn=partition_fn(self.config, self.reports.append),
-                keep_inference_input_mutations=True,
-            )(gm, example_inputs)
-        partitioner = make_inductor_partitioner(self.config, self.reports.append)
-        patches = {"custom_partitioner_fn": partitioner, **compat.inductor_config_patches()}
-        return compat.compile_fx(gm, example_inputs, config_patches=patches)
+    def _log(self, got: list[RematReport], from_cache: bool) -> None:
+        for r in got:
+            self._counts["from cache" if from_cache else "fell back" if r.fallback else "planned"] += 1
+        counts = ", ".join(f"{v} {k}" for k, v in self._counts.items())
+        log.info("ckptfx: %d graph(s) so far (%s); the model keeps %d B for the backward%s",
+                 sum(self._counts.values()), counts, self.ledger.total,
+                 f" of memory_budget={self.config.memory_budget}"
+                 if self.config.memory_budget is not None and
+                 self.config.memory_budget.nbytes is not None else "")
 
     def __repr__(self) -> str:
         return f"CkptBackend({self.config!r})"
+
+
+def _collect(got: list, note: str, report: RematReport) -> None:
+    got.append(dataclasses.replace(report, notes=report.notes + (note,)) if note else report)
+
+
+def _compile_eager(gm, example_inputs, config: RematConfig, on_report):
+    """AOTAutograd with ckptfx's partition_fn and no codegen (``inner="eager"``)."""
+    from functorch.compile import make_boxed_func
+
+    from ckptfx import _torch_compat as compat
+    from ckptfx.passes.partition import partition_fn
+
+    def nop(g, _inputs):
+        return make_boxed_func(g.forward)
+
+    return compat.aot_autograd_backend(
+        fw_compiler=nop, bw_compiler=nop, inference_compiler=nop,
+        partition_fn=partition_fn(config, on_report), keep_inference_input_mutations=True,
+    )(gm, example_inputs)
+
+
+def _needs_autograd(example_inputs) -> bool:
+    """Whether AOTAutograd makes a joint graph of this Dynamo graph (so a compile without a
+    partition was served from a cache)."""
+    import torch
+
+    return torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+
+
+def _restored(reports: list | None, note: str) -> list[RematReport]:
+    """The reports of a compile served from Inductor's cache: the stored ones, or one saying
+    that the plan came from the cache and its report is gone."""
+    cached = "plan replayed from Inductor's cache; report restored from when it was made"
+    if reports:
+        return [dataclasses.replace(r, notes=r.notes + (cached,) + ((note,) if note else ()))
+                for r in reports]
+    log.warning("ckptfx: a compile was served from Inductor's cache and its report is not on "
+                "disk; backend.reports has a placeholder (disable the cache to re-plan: "
+                "TORCHINDUCTOR_FORCE_DISABLE_CACHES=1)")
+    return [RematReport(graph_id=-1, solver="cache", notes=(
+        "plan replayed from Inductor's cache; its report was not found on disk",))]
 
 
 def ckpt_backend(gm, example_inputs, options: dict[str, Any] | None = None, **kwargs: Any):
@@ -148,4 +243,13 @@ def ckpt_backend(gm, example_inputs, options: dict[str, Any] | None = None, **kw
 
         raise ConfigError(f"mode={kwargs['mode']!r} is not supported by backend 'ckpt'; "
                           f"pass options={{...}} instead (see RematConfig)")
-    return CkptBackend(RematConfig.from_options(options))(gm, example_inputs)
+    config = RematConfig.from_options(options)
+    backend = _SHARED.get(config.cache_key())
+    if backend is None:
+        backend = _SHARED[config.cache_key()] = CkptBackend(config)
+    return backend(gm, example_inputs)
+
+
+# backend="ckpt": one CkptBackend per option set in this process, so the graphs of a model
+# compiled with the same options share one byte budget (Note [One byte budget per model]).
+_SHARED: dict[str, CkptBackend] = {}

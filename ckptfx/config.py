@@ -139,7 +139,8 @@ class RematConfig:
         memory_budget: None (no budget: the min-cut over saved bytes decides), or a
             :class:`MemoryBudget` (see :func:`parse_budget` for accepted inputs).
         budget_kind: ``"saved"`` bounds the bytes kept from forward to backward;
-            ``"peak"`` bounds the simulated peak bytes of the whole step.
+            ``"peak"`` bounds the simulated peak bytes of the whole step; None (default) is
+            ``"saved"``. Only with ``memory_budget``.
         solver: ``"auto"`` (min-cut without a budget, ``"budget"`` with one), ``"mincut"``,
             ``"budget"`` (MILP, HiGHS), ``"greedy"`` (knapsack heuristic), ``"uniform"``.
         policy: None, a built-in policy name (see ``ckptfx.policies.BUILTIN``), or a policy
@@ -150,6 +151,7 @@ class RematConfig:
         recompute_expensive: allow the min-cut to recompute compute-bound ops
             (matmul, convolution, attention). Off by default: PyTorch's choice too.
         layers_per_checkpoint: k of the uniform policy/solver; None means round(sqrt(n)).
+            Only with ``policy="uniform"`` or ``solver="uniform"``.
         time_limit_s: wall-clock limit of exact solvers and of the peak search, seconds (> 0).
         unbacked_size_hint: the size assumed for an unbacked SymInt (a data-dependent size)
             that the ShapeEnv cannot bound, elements; a bounded one takes its upper bound.
@@ -158,7 +160,7 @@ class RematConfig:
     """
 
     memory_budget: MemoryBudget | None = None
-    budget_kind: str = "saved"
+    budget_kind: str | None = None
     solver: str = "auto"
     policy: Any = None
     inner: str = "inductor"
@@ -170,7 +172,8 @@ class RematConfig:
     unbacked_size_hint: int = 4096
 
     def __post_init__(self) -> None:
-        _choice("budget_kind", self.budget_kind, BUDGET_KINDS)
+        if self.budget_kind is not None:
+            _choice("budget_kind", self.budget_kind, BUDGET_KINDS)
         _choice("solver", self.solver, SOLVERS)
         _choice("inner", self.inner, INNERS)
         _choice("cost_model", self.cost_model, COST_MODELS)
@@ -192,6 +195,30 @@ class RematConfig:
             from ckptfx.policies import resolve  # policies import no heavy modules
 
             resolve(self.policy)  # raises ConfigError on a bad policy
+        self._check_applicable()
+
+    def _check_applicable(self) -> None:
+        """Rejects options that would do nothing with the others given (a silent no-op is a
+        user's mistake left standing)."""
+        if self.budget_kind is not None and self.memory_budget is None:
+            raise ConfigError(
+                f"budget_kind={self.budget_kind!r} applies only with a memory_budget; pass "
+                f"memory_budget (a fraction, bytes, or a size like '2GiB') or drop budget_kind")
+        if self.layers_per_checkpoint is not None and not self._uniform_requested():
+            raise ConfigError(
+                f"layers_per_checkpoint={self.layers_per_checkpoint!r} applies only to the "
+                f"uniform policy; add policy='uniform' (or solver='uniform')")
+
+    def _uniform_requested(self) -> bool:
+        from ckptfx.policies import solver_request
+
+        request = solver_request(self.policy) if self.policy is not None else None
+        return self.solver == "uniform" or (request is not None and request[0] == "uniform")
+
+    @property
+    def effective_budget_kind(self) -> str:
+        """The budget kind that applies: ``budget_kind``, or ``"saved"`` when unset."""
+        return self.budget_kind or "saved"
 
     @property
     def effective_solver(self) -> str:

@@ -172,7 +172,7 @@ def test_uniform_never_forces_what_cannot_be_recomputed():
 def test_uniform_without_blocks_is_the_inner_solver_with_a_note():
     problem = SolveProblem(_chain(2).nodes)
     solution = UniformSolver().solve(problem)
-    assert solution.notes[0].startswith("uniform: no repeated blocks found; mincut")
+    assert solution.notes[0].startswith("uniform: no repeated blocks found (")
 
 
 def test_default_k_is_rounded_sqrt():

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from ckptfx import _torch_compat as compat
 from ckptfx.config import RematConfig
+from ckptfx.errors import ConfigError
 from ckptfx.joint import JointGraph
 from ckptfx.report import RematReport
 
@@ -169,6 +170,8 @@ def partition_fn(config: RematConfig | None = None,
             if fault is not None:
                 fault(joint)
             fw, bw, report = partition_joint(joint, config, graph_id)
+        except ConfigError:
+            raise  # the user's options or policy: theirs to fix, not a reason to fall back
         except Exception as exc:
             if config.strict:
                 raise
@@ -181,7 +184,7 @@ def partition_fn(config: RematConfig | None = None,
                                  saved_bytes=_forward_saved_bytes(fw, num_fwd_outputs))
         if on_report is not None:
             on_report(report)
-        log.info("%s", report)
+        log.debug("%s", report)
         return fw, bw
 
     return fn

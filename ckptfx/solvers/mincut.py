@@ -122,6 +122,8 @@ class MinCutSolver:
 
     name = "mincut"
 
+    takes_budget = False  # least bytes under the constraints, whatever the budget
+
     def __init__(self, recompute_expensive: bool = False) -> None:
         self.recompute_expensive = recompute_expensive
 

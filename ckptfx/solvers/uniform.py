@@ -53,8 +53,10 @@ Note [Uniform saved bytes]
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
+from ckptfx.errors import ConfigError
 from ckptfx.solvers.base import RECOMPUTE, SAVE, ProblemNode, SolveProblem, Solution
 
 
@@ -208,10 +210,17 @@ class UniformSolver:
         inner_name, inner = self._inner(problem)
         if not problem.layers:
             solution = inner.solve(problem)
-            note = f"uniform: no repeated blocks found; {inner_name} planned the whole graph"
+            note = (f"uniform: no repeated blocks found (the graph has no module paths of an "
+                    f"indexed container such as layers.0, layers.1); {inner_name} planned the "
+                    f"whole graph")
+            logging.getLogger("ckptfx").warning("ckptfx: %s", note)
             return dataclasses.replace(solution, notes=(note,) + solution.notes)
         n = len(problem.layers)
         k = self.layers_per_checkpoint or default_k(n)
+        if k > n:
+            raise ConfigError(
+                f"layers_per_checkpoint={k} exceeds the {n} repeated blocks of this graph; "
+                f"allowed values: 1..{n} (or None for round(sqrt(n)))")
         constrained, layout = uniform_constraints(problem, k)
         solution = inner.solve(constrained)
         reasons = dict(solution.reasons)
