@@ -15,6 +15,7 @@ Note [Reusing AOTAutograd's extractor]
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -280,6 +281,75 @@ def compile_fx(gm, example_inputs, **kwargs):
     from torch._inductor.compile_fx import compile_fx as _compile_fx
 
     return _compile_fx(gm, example_inputs, **kwargs)
+
+
+def fusion_moves_planned_work(scheduler, node1, node2) -> bool:
+    """Whether fusing two Inductor scheduler nodes would run planned work out of order.
+
+    Note [Fusion keeps the planned order]
+        Inductor places a fused kernel at its earliest member (``min_order``) and then
+        re-sorts depth first, so everything the later member depends on is pulled up to
+        that position, ahead of the nodes planned between them (``Scheduler.fuse_nodes_once``
+        sorts by ``min_order`` and calls ``topological_sort_schedule``). Its only distance
+        guard, ``are_long_distant_nodes``, applies to horizontal fusions. When the
+        gradients of a shared weight are summed, a small bias-gradient sum taken early
+        fuses with the sum taken a whole chain later: the chain of input gradients and its
+        recomputation is hoisted and the weight-gradient matmuls, left in place, keep
+        their recomputed inputs alive until the end of the backward.
+
+    Args:
+        scheduler: the Inductor ``Scheduler`` running the fusion.
+        node1: a candidate scheduler node.
+        node2: the other candidate.
+
+    Returns:
+        True when a node the later one depends on lies after the earlier one.
+    """
+    early, late = sorted((node1, node2), key=lambda n: n.min_order)
+    if late.min_order <= early.max_order + 1:
+        return False
+    fused = scheduler.name_to_fused_node
+    return any(
+        (anc := fused.get(name)) is not None and anc is not early
+        and anc.max_order > early.max_order
+        for name in late.ancestors)
+
+
+@functools.lru_cache(maxsize=1)
+def _planned_order_choices():
+    from torch._inductor.choices import InductorChoices
+
+    class PlannedOrderChoices(InductorChoices):
+        """Inductor's heuristics, with no fusion that reorders the planned graph."""
+
+        @staticmethod
+        def can_fuse(scheduler, node1, node2, shared_data_score):
+            if fusion_moves_planned_work(scheduler, node1, node2):
+                return False
+            return InductorChoices.can_fuse(scheduler, node1, node2, shared_data_score)
+
+    return PlannedOrderChoices()
+
+
+def planned_order_inner_compile():
+    """Inductor's ``compile_fx_inner`` with fusions that keep the planned node order.
+
+    Pass it as ``compile_fx(..., inner_compile=...)``: it applies to the graphs of that
+    call only (the forward and backward ckptfx partitioned), not to other compilations
+    in the process. See Note [Fusion keeps the planned order].
+
+    Returns:
+        a callable with ``compile_fx_inner``'s signature.
+    """
+    from torch._inductor.compile_fx import compile_fx_inner
+    from torch._inductor.virtualized import V
+
+    @functools.wraps(compile_fx_inner)
+    def inner_compile(gm, example_inputs, **kwargs):
+        with V.set_choices_handler(_planned_order_choices()):
+            return compile_fx_inner(gm, example_inputs, **kwargs)
+
+    return inner_compile
 
 
 def aot_autograd_backend(**kwargs):

@@ -138,7 +138,8 @@ class CkptBackend:
         else:
             partitioner = make_inductor_partitioner(config, on_report)
             patches = {"custom_partitioner_fn": partitioner, **compat.inductor_config_patches()}
-            compiled = compat.compile_fx(gm, example_inputs, config_patches=patches)
+            compiled = compat.compile_fx(gm, example_inputs, config_patches=patches,
+                                         inner_compile=compat.planned_order_inner_compile())
             store = ReportStore(os.path.join(compat.inductor_cache_dir(), "ckptfx-reports"))
             store_key = hashlib.sha256(f"{partitioner.uuid()}|{key}".encode()).hexdigest()
             if got:
