@@ -133,7 +133,7 @@ def build_problem(joint: JointGraph, table: NodeTable, votes: dict[str, Vote],
     bw_outputs = _backward_output_names(joint)
     static_storages = {_storage_id(n) for n in joint.graph.nodes
                        if n.name in joint.static_input_names} - {None}
-    owners: dict[int, str] = {}  # storage -> the first candidate holding it (its owner)
+    owners: dict[str, str] = {}  # node -> the node that owns its storage
     candidates = [n for n in joint.graph.nodes
                   if n.name in joint.fw_computable and n.op in ("placeholder", "call_function")]
     names = {n.name for n in candidates}
@@ -161,9 +161,10 @@ def build_problem(joint: JointGraph, table: NodeTable, votes: dict[str, Vote],
         needed = node.name in bw_outputs or any(
             u.op != "output" and u.name not in joint.fw_computable for u in node.users)
         in_forward = row.role in (Role.FORWARD, Role.PRIMAL)
-        storage = _storage_id(node)
-        static = node.name in joint.static_input_names or storage in static_storages
-        owner = owners.setdefault(storage, node.name) if storage is not None else node.name
+        static = node.name in joint.static_input_names or _storage_id(node) in static_storages
+        base = _view_base(node)
+        owner = owners[node.name] = owners.get(base.name, node.name) if base is not None \
+            and base.name in names else node.name
         nodes.append(ProblemNode(
             name=node.name,
             nbytes=0 if static else table.bytes_of(node.name),
@@ -183,6 +184,23 @@ def build_problem(joint: JointGraph, table: NodeTable, votes: dict[str, Vote],
     layers = tuple(tuple(n for n in block.nodes if n in names) for block in find_blocks(table))
     return SolveProblem(nodes=tuple(nodes), budget_kind=config.effective_budget_kind,
                         time_limit_s=float(config.time_limit_s), layers=layers)
+
+
+def _view_base(node):
+    """The node whose storage a view op's value aliases (its first tensor argument), or None
+    for a value with a storage of its own. ``getitem`` aliases only when its source does
+    (``split``, ``unbind``); read from the op schema, not from fake storages, which a joint
+    graph pass that re-propagates values does not keep shared."""
+    import operator
+
+    if node.op != "call_function" or not node.args:
+        return None
+    src = node.args[0]
+    if node.target is operator.getitem:
+        return _view_base(src) and src if hasattr(src, "op") else None
+    if getattr(node.target, "is_view", False) is True and hasattr(src, "op"):
+        return src
+    return None
 
 
 def _storage_id(node) -> int | None:

@@ -257,14 +257,22 @@ def saved_storages(problem: SolveProblem, saved: set[str] | tuple[str, ...]) -> 
              if nodes[s].storage_owner and nodes[s].force is None}
     if not swaps:
         return set(saved), {}
+    base, _ = needed_closure(problem, set(saved))
+
+    def only_views_added(trial: set[str]) -> bool:
+        # valid, and what it adds to the backward is views of a saved storage, nothing else
+        # (not a SymInt a view's size depends on, not another tensor)
+        recomputed, violations = needed_closure(problem, trial)
+        return not violations and all(nodes[n].storage_owner in trial for n in recomputed - base)
+
     every = (set(saved) - set(swaps)) | set(swaps.values())
-    if not needed_closure(problem, every)[1]:  # the common case: one check
+    if only_views_added(every):  # the common case: one check
         return every, {owner: view for view, owner in reversed(swaps.items())}
     current = set(saved)
     replaced: dict[str, str] = {}
     for view, owner in swaps.items():
         trial = (current - {view}) | {owner}
-        if not needed_closure(problem, trial)[1]:
+        if only_views_added(trial):
             current = trial
             replaced.setdefault(owner, view)
     return current, replaced
