@@ -28,9 +28,11 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line on stderr (no usage dump)."""
 
+    argv: list[str] = []
+
     def error(self, message: str):
         hint = ""
-        if "--budget" in message and self.prog.endswith("frontier"):
+        if "--budget" in message and "frontier" in _Parser.argv:
             hint = "; frontier sweeps --budgets (a comma-separated list) instead"
         self.exit(2, f"{self.prog}: {message}{hint} (see {self.prog} --help)\n")
 
@@ -219,6 +221,7 @@ def validate(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _Parser.argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     from ckptfx.errors import CkptfxError
 

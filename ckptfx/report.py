@@ -149,12 +149,13 @@ class RematReport:
 
     def summary(self) -> str:
         """One line: solver, saved and peak MiB, recomputed ops."""
-        mib = 2 ** 20
-        peak = (f", predicted peak {self.predicted_peak_bytes / mib:.2f} MiB"
+        from ckptfx.report_text import size
+
+        peak = (f", predicted peak {size(self.predicted_peak_bytes)}"
                 if self.predicted_peak_bytes is not None else "")
         fb = f" (fallback: {self.fallback})" if self.fallback else ""
         return (f"ckptfx graph {self.graph_id}: solver={self.solver}{fb}, saved "
-                f"{self.saved_bytes / mib:.2f} of {self.saved_bytes_no_remat / mib:.2f} MiB"
+                f"{size(self.saved_bytes)} of {size(self.saved_bytes_no_remat)}"
                 f"{peak}, {len(self.recomputed)} ops recomputed")
 
     def __str__(self) -> str:
@@ -213,11 +214,10 @@ def pyplot():
 
 
 def short_module(path: str) -> str:
-    """A module path without Dynamo's ``L['self'].`` prefix."""
-    for prefix in ("L['self'].", "L['self']"):
-        if path.startswith(prefix):
-            return path[len(prefix):]
-    return path
+    """A module path without Dynamo's root prefix (``L['self'].``, ``L['args'][0].``)."""
+    import re
+
+    return re.sub(r"^L\[[^\]]*\](\[\d+\])*\.?", "", path)
 
 
 def source_line(meta: dict) -> str:
