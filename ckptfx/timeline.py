@@ -197,6 +197,15 @@ def memory_timeline(joint, plan, config=None, graphs: Sequence[Any] | None = Non
     return Timeline(tuple(curves), plan.budget_bytes, config.budget_kind)
 
 
+def aligned_x(curve: Curve) -> list[float]:
+    """x of each point: forward ops spread over [0, 1), backward ops over [1, 2], so that
+    curves with different op counts line up at the start of the backward."""
+    n_fw, n = curve.forward_ops, len(curve.live_bytes)
+    n_bw = n - n_fw
+    return [j / max(1, n_fw) if j < n_fw else 1 + (j - n_fw) / max(1, n_bw - 1)
+            for j in range(n)]
+
+
 def plot_timeline(timeline: Timeline, path: str | None = None, title: str = ""):
     """Draws live MiB against the step's ops (forward, then backward), one line per curve,
     the budget line, each peak marked and labelled.
@@ -219,25 +228,25 @@ def plot_timeline(timeline: Timeline, path: str | None = None, title: str = ""):
     captions = []
     for i, c in enumerate(timeline.curves):
         color, ls = styles.get(c.name, (None, "-"))
-        xs = [j / max(1, len(c.live_bytes) - 1) for j in range(len(c.live_bytes))]
+        xs = aligned_x(c)
         ax.plot(xs, [b / mib for b in c.live_bytes], ls, color=color, lw=1.4,
                 label=f"{c.name}: peak {c.peak_bytes / mib:.1f} MiB, "
                       f"saved {c.saved_bytes / mib:.1f} MiB")
         if xs:
             ax.plot([xs[c.peak_index]], [c.peak_bytes / mib], "o", color=color, ms=7)
             ax.annotate(str(i + 1), (xs[c.peak_index], c.peak_bytes / mib), color=color,
-                        xytext=(0, 8), textcoords="offset points", ha="center",
+                        xytext=(-9 + 9 * i, 8), textcoords="offset points", ha="center",
                         fontsize=9, fontweight="bold")
-        if c.forward_ops and c.forward_ops < len(xs):
-            ax.axvline(xs[c.forward_ops], color=color, lw=0.6, ls=":")
         captions.append((f"({i + 1}) {c.name} peak, {c.peak_bytes / mib:.1f} MiB: "
                          f"{c.peak_label}", color))
     if timeline.budget_bytes is not None:
         ax.axhline(timeline.budget_bytes / mib, color="tab:red", lw=1, ls=":",
                    label=f"budget ({timeline.budget_kind} bytes) "
                          f"{timeline.budget_bytes / mib:.1f} MiB")
-    ax.set_xlabel("progress through the step: forward ops, then backward ops "
-                  "(dotted: where each curve's backward starts)")
+    ax.axvline(1.0, color="black", lw=0.6, ls=":")
+    ax.set_xticks([0, 0.5, 1, 1.5, 2], ["forward starts", "", "backward starts", "", "step ends"])
+    ax.set_xlabel("one training step: each curve's forward ops spread over 0..1, its backward "
+                  "ops over 1..2")
     ax.set_ylabel("live MiB (parameters and inputs excluded)")
     top = max([c.peak_bytes for c in timeline.curves] + [timeline.budget_bytes or 0])
     ax.set_ylim(0, max(top, 1) / mib * 1.3)
