@@ -34,7 +34,7 @@ import sympy
 from ckptfx.errors import ConfigError
 
 MAX_CANDIDATES = 48
-_SOURCE_RE = re.compile(r"^L\['(\w+)'\]\.size\(\)\[(\d+)\]$")
+_SOURCE_RE = re.compile(r"^L\['(\w+)'\]((?:\[\d+\])*)\.size\(\)\[(\d+)\]$")
 _DIM_NAMES = {0: "batch", 1: "seq"}
 
 
@@ -54,7 +54,8 @@ class SizeFormula:
         saved: bytes saved for the backward (sympy text in the named symbols).
         peak: live bytes at the op that peaks at the traced sizes (Note [Peak formula]).
         peak_candidates: the expressions whose maximum is the peak at other sizes.
-        symbols: ``(name, Dynamo source)`` per symbol, e.g. ``("seq", "L['ids'].size()[1]")``.
+        symbols: ``(name, where it comes from)`` per symbol, e.g. ``("seq", "ids.shape[1]")``
+            (Dynamo's source text when it is not an input's dimension).
         traced: ``(name, value)``: the sizes the graph was traced at.
     """
 
@@ -110,11 +111,23 @@ def symbol_names(shape_env) -> dict[sympy.Symbol, str]:
         for src in sources:
             m = _SOURCE_RE.match(src)
             if m:
-                dim = int(m.group(2))
-                named[sym] = (_DIM_NAMES.get(dim, f"{m.group(1)}_{dim}"), f"{m.group(1)}_{dim}")
+                dim, arg = int(m.group(3)), _arg_name(m)
+                named[sym] = (_DIM_NAMES.get(dim, f"{arg}_{dim}"), f"{arg}_{dim}")
                 break
     counts = collections.Counter(short for short, _ in named.values())
     return {sym: short if counts[short] == 1 else full for sym, (short, full) in named.items()}
+
+
+def _arg_name(m: re.Match) -> str:
+    """``ids`` for ``L['ids']``; ``args_0`` for ``L['args'][0]`` (a positional input)."""
+    return m.group(1) + "".join(f"_{i}" for i in re.findall(r"\d+", m.group(2)))
+
+
+def _readable(source: str) -> str:
+    """``L['ids'].size()[1]`` -> ``ids.shape[1]``, ``L['args'][0].size()[0]`` ->
+    ``args[0].shape[0]``; other sources unchanged."""
+    m = _SOURCE_RE.match(source)
+    return f"{m.group(1)}{m.group(2)}.shape[{m.group(3)}]" if m else source
 
 
 def _sum(keys, exprs) -> sympy.Expr:
@@ -161,10 +174,10 @@ def size_formula(st, shape_env) -> SizeFormula | None:
     for i in local:  # largest first: a later one is dropped when a kept one dominates it
         if exprs[i] not in kept and not any(_dominated(exprs[i], k, syms) for k in kept):
             kept.append(exprs[i])
-    sources = compat.symbol_sources(shape_env)
+    sources = {s: _readable((v or [str(s)])[0]) for s, v in compat.symbol_sources(shape_env).items()}
     return SizeFormula(
         saved=str(saved.xreplace(rename)),
         peak=str(exprs[peak_i].xreplace(rename)),
         peak_candidates=tuple(str(e.xreplace(rename)) for e in kept),
-        symbols=tuple(sorted((rename[s].name, (sources.get(s) or [str(s)])[0]) for s in syms)),
+        symbols=tuple(sorted((rename[s].name, sources.get(s, str(s))) for s in syms)),
         traced=tuple(sorted((rename[s].name, int(hints.get(s, 0))) for s in syms)))

@@ -441,6 +441,7 @@ class StorageTimeline:
         exprs: storage key -> bytes as a sympy expression in the graphs' size symbols.
         saved_bytes: bytes kept from the forward for the backward (as in MemoryTimeline).
         saved_expr: the same bytes as a sympy expression.
+        gradients: the storages the backward returns (gradients of the inputs).
     """
 
     steps: tuple[MemoryStep, ...]
@@ -449,6 +450,7 @@ class StorageTimeline:
     exprs: Mapping[_Key, sympy.Expr]
     saved_bytes: int = 0
     saved_expr: sympy.Expr = sympy.Integer(0)
+    gradients: frozenset[_Key] = frozenset()
 
 
 class _Symbolic(SizeHints):
@@ -472,6 +474,7 @@ def storage_timeline(fw: fx.GraphModule, bw: fx.GraphModule,
     exprs = {**fw_st.nbytes, **bw_st.nbytes}
     live: list[frozenset[_Key]] = []
     alive: set[_Key] = set()
+    returned: set[_Key] = set()
     for gm, st, keep in ((fw, fw_st, set()), (bw, bw_st, _refs_of(user, fw_st.refs))):
         last, returned = _lifetimes(gm, st)
         for i, node in enumerate(gm.graph.nodes):
@@ -484,4 +487,4 @@ def storage_timeline(fw: fx.GraphModule, bw: fx.GraphModule,
     nbytes = {k: hints.evaluate(e) for k, e in exprs.items()}
     kept = _refs_of(list(saved.values()), fw_st.refs)
     return StorageTimeline(timeline.steps, tuple(live), nbytes, exprs, timeline.saved_bytes,
-                           sympy.Add(*[exprs[k] for k in kept]))
+                           sympy.Add(*[exprs[k] for k in kept]), frozenset(returned))

@@ -35,7 +35,8 @@ def _header(r) -> list[str]:
         f"  recomputed: {len(r.recomputed)} ops, {r.extra_flops / 1e6:.2f} MFLOP, "
         f"~{r.extra_cost_s * 1e3:.3f} ms (cost model)",
         f"  solve {r.solve_time_s * 1e3:.1f} ms, plan+rewrite {r.plan_time_s * 1e3:.1f} ms"
-        + (f", {r.gap:.1%} above the LP-relaxation bound" if r.gap else "")
+        + (f", {r.gap:.1%} above the LP-relaxation bound (not proven optimal)"
+           if r.gap and not any("optimal" in n for n in r.notes) else "")
         + (f", predicted peak {size(r.predicted_peak_bytes)}"
            if r.predicted_peak_bytes is not None else ""),
     ]

@@ -123,12 +123,18 @@ def _builtin_gpt(sizes: Sizes) -> tuple[Any, Any]:
 
 
 def load_factory(target: str):
-    """The callable named by ``package.module:factory``.
+    """The callable named by ``package.module:factory`` (the current folder is searched
+    first, as ``python -m`` does).
 
     Raises:
         TargetError: the module cannot be imported or has no such callable.
     """
+    import os
+    import sys
+
     mod_name, _, attr = target.partition(":")
+    if os.getcwd() not in sys.path:  # as ``python -m`` does: the current folder's modules
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(mod_name)
     except Exception as exc:  # a user module may fail in any way while importing

@@ -109,20 +109,25 @@ def curve_of(name: str, fw, bw, hints=None, meta: dict[str, dict] | None = None)
 
 def peak_label(st, idx: int, meta: dict[str, dict]) -> str:
     """A few words on what is live at step ``idx``: the graph and op running, how many
-    tensors, and the largest of them with its module."""
+    tensors (how many kept from the forward, how many are gradients), and the largest of
+    them with its module."""
     from ckptfx.report import short_module
 
     step = st.steps[idx]
     live = [k for k in st.live[idx] if st.nbytes[k] > 0]
     saved = [k for k in live if k[0] == "forward"] if step.graph == "backward" else []
     largest = max(live, key=lambda k: st.nbytes[k], default=None)
+    n_grads = sum(1 for k in live if k in st.gradients)
+    kinds = [f"{len(saved)} from the forward"] if saved else []
+    kinds += [f"{n_grads} gradients"] if n_grads else []
     words = f"{step.graph} at {step.node}: {len(live)} tensors"
-    if saved:
-        words += f" ({len(saved)} from the forward)"
+    if kinds:
+        words += f" ({', '.join(kinds)})"
     if largest is not None:
         module = short_module(_module_path(meta.get(largest[1], {})))
         where = f" in {module}" if module else ""
-        words += f"; largest {largest[1]}{where}, {st.nbytes[largest] / 2 ** 20:.1f} MiB"
+        kind = " (a gradient)" if largest in st.gradients else ""
+        words += f"; largest {largest[1]}{kind}{where}, {st.nbytes[largest] / 2 ** 20:.1f} MiB"
     return words
 
 
@@ -197,6 +202,18 @@ def memory_timeline(joint, plan, config=None, graphs: Sequence[Any] | None = Non
     return Timeline(tuple(curves), plan.budget_bytes, config.budget_kind)
 
 
+def _budget_line(ax, timeline: Timeline) -> None:
+    """A peak budget spans the step; a saved-bytes budget bounds what crosses from the forward
+    to the backward, so it is drawn only around the start of the backward."""
+    mib = 2 ** 20
+    y = timeline.budget_bytes / mib
+    if timeline.budget_kind == "peak":
+        ax.axhline(y, color="tab:red", lw=1, ls=":", label=f"peak budget {y:.1f} MiB")
+        return
+    ax.hlines(y, 0.8, 1.2, color="tab:red", lw=1.5,
+              label=f"budget on saved bytes {y:.1f} MiB (what crosses from forward to backward)")
+
+
 def aligned_x(curve: Curve) -> list[float]:
     """x of each point: forward ops spread over [0, 1), backward ops over [1, 2], so that
     curves with different op counts line up at the start of the backward."""
@@ -240,9 +257,7 @@ def plot_timeline(timeline: Timeline, path: str | None = None, title: str = ""):
         captions.append((f"({i + 1}) {c.name} peak, {c.peak_bytes / mib:.1f} MiB: "
                          f"{c.peak_label}", color))
     if timeline.budget_bytes is not None:
-        ax.axhline(timeline.budget_bytes / mib, color="tab:red", lw=1, ls=":",
-                   label=f"budget ({timeline.budget_kind} bytes) "
-                         f"{timeline.budget_bytes / mib:.1f} MiB")
+        _budget_line(ax, timeline)
     ax.axvline(1.0, color="black", lw=0.6, ls=":")
     ax.set_xticks([0, 0.5, 1, 1.5, 2], ["forward starts", "", "backward starts", "", "step ends"])
     ax.set_xlabel("one training step: each curve's forward ops spread over 0..1, its backward "
