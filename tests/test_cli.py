@@ -87,10 +87,15 @@ def test_report_dynamic_prints_the_formula(capsys):
     assert "saved = " in out and "batch" in out and "seq" in out
 
 
-def test_frontier_on_a_factory_shows_progress(capsys):
-    code, out, err = _run(["frontier", "toy_models:mlp", *TINY, "--budgets", "1.0,0.0"], capsys)
+def test_frontier_on_a_factory_shows_progress_and_writes_json(tmp_path, capsys):
+    js = tmp_path / "f.json"
+    code, out, err = _run(["frontier", "toy_models:mlp", *TINY, "--budgets", "1.0,0.0",
+                           "--json", str(js)], capsys)
     assert code == 0, err
     assert "feasible" in out and "(2 of 2)" in err
+    rows = json.loads(js.read_text())["graphs"][0]
+    assert [r["budget"] for r in rows] == ["1.0", "0.0"]
+    assert rows[1]["saved_bytes"] <= rows[0]["saved_bytes"]
 
 
 def test_report_and_frontier_on_hf_llama(tmp_path, capsys):

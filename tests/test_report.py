@@ -105,8 +105,10 @@ def test_formula_matches_saved_bytes_measured_at_three_sizes():
     backend = ckptfx.CkptBackend(inner="eager")
     compiled = torch.compile(model, backend=backend, dynamic=True)
     _measured_saved(model, compiled, x)
-    formula = backend.reports[-1].formula
+    report = backend.reports[-1]
+    formula = report.formula
     assert formula is not None and {"batch", "seq"} <= {n for n, _ in formula.symbols}
+    assert ckptfx.RematReport.from_dict(json.loads(json.dumps(report.to_dict()))) == report
     for batch, seq in ((3, 5), (8, 16), (16, 40)):
         measured = _measured_saved(model, compiled, torch.randn(batch, seq, 16))
         assert len(backend.reports) == 1  # one graph serves every size
