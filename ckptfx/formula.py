@@ -146,12 +146,14 @@ def _dominated(a: sympy.Expr, b: sympy.Expr, syms) -> bool:
         return False
 
 
-def size_formula(st, shape_env) -> SizeFormula | None:
+def size_formula(st, shape_env, hints=None) -> SizeFormula | None:
     """The SizeFormula of a simulated step, or None when its sizes are all static.
 
     Args:
         st: a :class:`ckptfx.memory.StorageTimeline` of the plan's forward and backward.
         shape_env: the graphs' ShapeEnv (names the symbols).
+        hints: the SizeHints ``st`` was evaluated with (the traced sizes, including the
+            values assumed for data-dependent sizes); default: the ShapeEnv's backed hints.
     """
     live = [s.live_bytes for s in st.steps]
     if not live:
@@ -169,7 +171,7 @@ def size_formula(st, shape_env) -> SizeFormula | None:
     rename = {s: sympy.Symbol(names.get(s, str(s)), integer=True, positive=True) for s in syms}
     from ckptfx import _torch_compat as compat
 
-    hints = compat.symbol_hints(shape_env)
+    values = hints.values if hints is not None else compat.symbol_hints(shape_env)
     kept: list[sympy.Expr] = []
     for i in local:  # largest first: a later one is dropped when a kept one dominates it
         if exprs[i] not in kept and not any(_dominated(exprs[i], k, syms) for k in kept):
@@ -180,4 +182,4 @@ def size_formula(st, shape_env) -> SizeFormula | None:
         peak=str(exprs[peak_i].xreplace(rename)),
         peak_candidates=tuple(str(e.xreplace(rename)) for e in kept),
         symbols=tuple(sorted((rename[s].name, sources.get(s, str(s))) for s in syms)),
-        traced=tuple(sorted((rename[s].name, int(hints.get(s, 0))) for s in syms)))
+        traced=tuple(sorted((rename[s].name, int(values.get(s, 0))) for s in syms)))

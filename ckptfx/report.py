@@ -317,8 +317,8 @@ def _formula(joint, graphs, hints):
     from ckptfx.memory import storage_timeline
 
     try:
-        return size_formula(storage_timeline(*graphs, hints), shape_env)
+        return size_formula(storage_timeline(*graphs, hints), shape_env, hints)
     except Exception as exc:  # informative only
-        logging.getLogger("ckptfx").warning("ckptfx: no size formula (%s: %s)",
-                                            type(exc).__name__, exc)
+        logging.getLogger("ckptfx").debug("ckptfx: no size formula (%s: %s)",
+                                          type(exc).__name__, exc)
         return None
