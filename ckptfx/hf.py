@@ -55,8 +55,9 @@ def hf_config(model_type: str, sizes: Sizes):
         if hasattr(cfg, key):
             setattr(cfg, key, 0.0)
     cfg.pad_token_id = getattr(cfg, "pad_token_id", None)
-    if getattr(cfg, "decoder_start_token_id", None) is None and hasattr(cfg, "decoder_start_token_id"):
-        cfg.decoder_start_token_id = 0
+    if getattr(cfg, "is_encoder_decoder", False) and \
+            getattr(cfg, "decoder_start_token_id", None) is None:
+        cfg.decoder_start_token_id = 0  # shifts the labels into decoder inputs
     return cfg
 
 
