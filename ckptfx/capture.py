@@ -75,6 +75,9 @@ def capture_joints(module: torch.nn.Module, inputs: Any, *,
     """Compiles a deep copy of ``module``, runs forward and backward once, returns every
     JointGraph AOTAutograd built (one per Dynamo graph, in compile order).
 
+    Dynamo's caches are reset before and after (``torch._dynamo.reset()``), so call it
+    before, not while, training with other compiled functions.
+
     Args:
         module: an ``nn.Module`` (not modified: a copy is compiled).
         inputs: its example inputs: a tensor, a tuple of positional arguments, or a dict of

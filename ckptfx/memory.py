@@ -15,6 +15,9 @@ Call tree::
     ├── _storages(bw, ...)           saved placeholders reuse the forward's storages
     └── _replay(bw, ...)
 
+    storage_timeline(fw, bw, hints)  the same, keeping each step's live storages and their
+                                     sizes as expressions (timeline labels, size formulas)
+
 Example:
     >>> import torch, ckptfx
     >>> from ckptfx.memory import simulate
