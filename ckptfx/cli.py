@@ -31,10 +31,12 @@ class _Parser(argparse.ArgumentParser):
     argv: list[str] = []
 
     def error(self, message: str):
+        cmd = next((a for a in _Parser.argv if a in ("demo", "report", "frontier")), "")
+        prog = f"{PROG} {cmd}" if cmd and self.prog == PROG else self.prog
         hint = ""
-        if "--budget" in message and "frontier" in _Parser.argv:
+        if "--budget" in message and cmd == "frontier":
             hint = "; frontier sweeps --budgets (a comma-separated list) instead"
-        self.exit(2, f"{self.prog}: {message}{hint} (see {self.prog} --help)\n")
+        self.exit(2, f"{prog}: {message}{hint} (see {prog} --help)\n")
 
 
 def positive_int(text: str) -> int:
@@ -69,8 +71,8 @@ def _cli_budget(text: str, option: str):
 
     value = budget_value(text)
     if isinstance(value, float) and value > 1:
-        raise UsageError(f"{option} {text}: a bare number is a fraction in [0, 1]; for bytes "
-                         f"give a unit, e.g. {option} {text}MiB")
+        raise UsageError(f"{option}: {text} is a bare number, read as a fraction in [0, 1]; "
+                         f"for bytes give a unit, e.g. {text}MiB")
     parse_budget(value)
     return value
 
@@ -216,7 +218,7 @@ def validate(args) -> None:
         if not all(budgets):
             raise UsageError(f"--budgets {args.budgets!r} has an empty item")
         for b in budgets:
-            _cli_budget(b, "--budgets item")
+            _cli_budget(b, "--budgets")
     options_of(args)
 
 

@@ -133,6 +133,10 @@ def load_factory(target: str):
     import sys
 
     mod_name, _, attr = target.partition(":")
+    if mod_name.endswith(".py") or os.sep in mod_name:
+        name = os.path.splitext(os.path.basename(mod_name))[0]
+        raise TargetError(f"target {target!r}: give the module's import name, not a file path "
+                          f"({name}:{attr}, run from the folder that holds {name}.py)")
     if os.getcwd() not in sys.path:  # as ``python -m`` does: the current folder's modules
         sys.path.insert(0, os.getcwd())
     try:

@@ -111,6 +111,7 @@ def test_report_and_frontier_on_hf_llama(tmp_path, capsys):
 BAD = [
     (["report", "nope"], "neither a built-in model"),
     (["report", "no_such_module_xyz:f"], "cannot import"),
+    (["report", "models/toy_models.py:mlp"], "toy_models:mlp"),
     (["report", "toy_models:missing"], "has no 'missing'"),
     (["report", "toy_models:raises"], "RuntimeError: weights not found"),
     (["report", "toy_models:not_a_pair"], "must return (model, example_inputs)"),
@@ -128,7 +129,8 @@ BAD = [
     (["frontier", "--budgets", "0.5,,0"], "empty item"),
     (["frontier", "--budgets", "0.5,lots"], "memory_budget"),
     (["report", "--budget", "lots"], "memory_budget"),
-    (["report", "--budget", "64"], "--budget 64MiB"),
+    (["report", "--budget", "64"], "e.g. 64MiB"),
+    (["report", "--inner", "eager"], "ckptfx report: unrecognized arguments: --inner"),
     (["report", "--policy", "nope"], "policy"),
     (["report", "--hf", "nope"], "not a transformers model type"),
     (["report", "gpt", "--hf", "llama"], "not both"),
