@@ -8,6 +8,8 @@ Entry points:
     ``backend = ckptfx.CkptBackend(memory_budget=0.5)``          (keeps ``backend.reports``)
     ``joint = ckptfx.trace_joint(model, *inputs)``; ``plan = ckptfx.plan_remat(joint, config)``;
     ``fw, bw, report = ckptfx.apply_plan(joint, plan)``
+    ``joints = ckptfx.capture_joints(model, inputs)``: the joint graphs torch.compile builds
+    (module paths, transformers models, symbolic sizes under ``dynamic=True``)
     ``ckptfx.partition_fn(config)`` for ``aot_function``/``aot_module``
     ``ckptfx.passes.RematPass`` for ``torch.fx.passes.infra`` pipelines
 
