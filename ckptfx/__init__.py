@@ -8,35 +8,50 @@ Entry points:
     ``backend = ckptfx.CkptBackend(memory_budget=0.5)``          (keeps ``backend.reports``)
     ``joint = ckptfx.trace_joint(model, *inputs)``; ``plan = ckptfx.plan_remat(joint, config)``;
     ``fw, bw, report = ckptfx.apply_plan(joint, plan)``
+    ``joints = ckptfx.capture_joints(model, inputs)``: the joint graphs torch.compile builds
+    (module paths, transformers models, symbolic sizes under ``dynamic=True``)
     ``ckptfx.partition_fn(config)`` for ``aot_function``/``aot_module``
     ``ckptfx.passes.RematPass`` for ``torch.fx.passes.infra`` pipelines
 
-Importing ckptfx imports torch but not torch._dynamo, torch._inductor, networkx or scipy.
+Importing ckptfx imports nothing heavy: each public name loads its module on first use,
+and none of them imports torch._dynamo, torch._inductor, networkx or scipy at import.
 """
 
-from ckptfx import errors, policies
-from ckptfx.backend import CkptBackend
-from ckptfx.config import MemoryBudget, RematConfig
-from ckptfx.frontier import FrontierRow, pareto
-from ckptfx.errors import (
-    CkptfxError,
-    ConfigError,
-    InfeasibleBudgetError,
-    PlanValidationError,
-    UnsupportedGraphError,
-)
-from ckptfx.joint import JointGraph, Role, trace_joint
-from ckptfx.passes.partition import apply_plan, partition_fn
-from ckptfx.plan import Decision, RematPlan
-from ckptfx.planner import plan_remat
-from ckptfx.report import RematReport
-from ckptfx import passes  # noqa: E402
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CkptBackend", "CkptfxError", "ConfigError", "Decision", "InfeasibleBudgetError",
-    "FrontierRow", "JointGraph", "MemoryBudget", "PlanValidationError", "RematConfig", "RematPlan",
-    "RematReport", "Role", "UnsupportedGraphError", "apply_plan", "errors", "pareto", "partition_fn",
-    "passes", "plan_remat", "policies", "trace_joint",
-]
+# Public name -> the module that defines it. Imported on first use (PEP 562), so that
+# ``ckptfx --help`` and ``import ckptfx`` stay instant and import no torch until needed.
+_EXPORTS = {
+    "CkptBackend": "ckptfx.backend",
+    "MemoryBudget": "ckptfx.config", "RematConfig": "ckptfx.config",
+    "FrontierRow": "ckptfx.frontier", "pareto": "ckptfx.frontier",
+    "CkptfxError": "ckptfx.errors", "ConfigError": "ckptfx.errors",
+    "InfeasibleBudgetError": "ckptfx.errors", "PlanValidationError": "ckptfx.errors",
+    "UnsupportedGraphError": "ckptfx.errors",
+    "JointGraph": "ckptfx.joint", "Role": "ckptfx.joint", "trace_joint": "ckptfx.joint",
+    "apply_plan": "ckptfx.passes.partition", "partition_fn": "ckptfx.passes.partition",
+    "Decision": "ckptfx.plan", "RematPlan": "ckptfx.plan",
+    "plan_remat": "ckptfx.planner",
+    "RematReport": "ckptfx.report",
+    "capture_joints": "ckptfx.capture",
+}
+_SUBMODULES = ("errors", "policies", "passes", "capture", "timeline", "formula")
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"ckptfx.{name}")
+    else:
+        raise AttributeError(f"module 'ckptfx' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -380,3 +380,24 @@ def inductor_cache_dir() -> str:
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     return cache_dir()
+
+
+def symbol_sources(shape_env) -> dict[Any, list[str]]:
+    """Every size symbol of a ShapeEnv -> the Dynamo sources it was created for, as
+    ``L['ids'].size()[0]`` strings ({} without a ShapeEnv)."""
+    if shape_env is None:
+        return {}
+    out: dict[Any, list[str]] = {}
+    for sym, sources in getattr(shape_env, "var_to_sources", {}).items():
+        out[sym] = [s.name() if callable(getattr(s, "name", None)) else str(s.name)
+                    for s in sources]
+    return out
+
+
+def trace_structured_artifact(name: str, payload_fn) -> None:
+    """Puts a JSON artifact in PyTorch's structured compile trace (``TORCH_TRACE``), where
+    tlparse shows it next to the compile it belongs to; a no-op when tracing is off."""
+    from torch._logging import trace_structured
+
+    trace_structured("artifact", metadata_fn=lambda: {"name": name, "encoding": "json"},
+                     payload_fn=payload_fn)

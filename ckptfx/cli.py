@@ -1,135 +1,250 @@
-"""The ``ckptfx`` command: ``ckptfx demo``, ``ckptfx report`` and ``ckptfx frontier``.
+"""The ckptfx command: demo, report and frontier.
 
-``ckptfx demo`` trains the built-in small GPT under ``backend="ckpt"`` and torch.compile's
-default and prints a table; it exits 1 when the gradients differ from eager's.
-``ckptfx report`` plans the same model and prints what is saved, what is recomputed and why,
-optionally drawing a plot. ``ckptfx frontier`` sweeps memory budgets (saved bytes, predicted
-peak, extra FLOPs per budget).
+``ckptfx demo`` trains the built-in small GPT under backend="ckpt" and torch.compile's default
+and prints a table; it exits 1 when the gradients differ from eager's. ``ckptfx report TARGET``
+plans a model and prints what is saved, what is recomputed and why; ``ckptfx frontier TARGET``
+sweeps memory budgets. TARGET is a built-in model (gpt), package.module:factory (a callable
+returning (model, example_inputs)), or --hf MODEL_TYPE for a transformers model built from its
+config with random weights.
+
+Every argument is checked before any work; a mistake is one line on stderr and exit status 2.
+This module imports nothing heavy until the arguments are parsed, so --help is instant.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
 
+PROG = "ckptfx"
+_PLOT_EXTS = (".png", ".pdf", ".svg")
 
-def _options(args) -> dict:
+
+class UsageError(Exception):
+    """A command-line mistake: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (no usage dump)."""
+
+    argv: list[str] = []
+
+    def error(self, message: str):
+        cmd = next((a for a in _Parser.argv if a in ("demo", "report", "frontier")), "")
+        prog = f"{PROG} {cmd}" if cmd and self.prog == PROG else self.prog
+        hint = ""
+        if "--budget" in message and cmd == "frontier":
+            hint = "; frontier sweeps --budgets (a comma-separated list) instead"
+        self.exit(2, f"{prog}: {message}{hint} (see {prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def budget_value(text: str):
+    """A --budget string as memory_budget takes it: a float for a fraction ("0.5", "1.0",
+    "0"), else the string (a size with its unit, "64MiB")."""
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return value if text.strip().lower() not in ("nan", "inf", "-inf") else text
+
+
+def _cli_budget(text: str, option: str):
+    """A budget from the command line, parsed; a bare number above 1 is neither a fraction
+    nor bytes with a unit.
+
+    Raises:
+        UsageError: such a number; ConfigError: any other bad budget.
+    """
+    from ckptfx.config import parse_budget
+
+    value = budget_value(text)
+    if isinstance(value, float) and value > 1:
+        raise UsageError(f"{option}: {text} is a bare number, read as a fraction in [0, 1]; "
+                         f"for bytes give a unit, e.g. {text}MiB")
+    parse_budget(value)
+    return value
+
+
+def _sizes(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model sizes (built-in and --hf models; passed to a factory as "
+                             "keyword arguments)")
+    g.add_argument("--layers", type=positive_int, help="transformer blocks (gpt: 4, --hf: 2)")
+    g.add_argument("--width", type=positive_int, help="hidden size (default 256)")
+    g.add_argument("--seq", type=positive_int, help="sequence length (default 128)")
+    g.add_argument("--batch", type=positive_int, help="batch size (gpt: 8, --hf: 4)")
+    g.add_argument("--vocab", type=positive_int, help="vocabulary size (default 4096)")
+
+
+def _plan_args(p: argparse.ArgumentParser, budget: bool = True) -> None:
+    if budget:
+        p.add_argument("--budget", default=None,
+                       help="memory_budget: a fraction like 0.5 (0 = least memory, 1 = no "
+                            "budget) or a size with its unit like 64MiB")
+        p.add_argument("--budget-kind", default=None, choices=["saved", "peak"],
+                       help="what --budget bounds: saved bytes (default) or the step's peak")
+    p.add_argument("--solver", default=None,
+                   choices=["auto", "mincut", "budget", "greedy", "uniform"])
+    p.add_argument("--policy", default=None,
+                   help="a built-in policy: uniform, megatron_selective, ...")
+
+
+def _target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", nargs="?", default=None, metavar="TARGET",
+                   help="gpt (built-in, the default) or package.module:factory")
+    p.add_argument("--hf", default=None, metavar="MODEL_TYPE",
+                   help="a transformers model type (llama, qwen2, gpt2, ...) with random weights")
+    p.add_argument("--dynamic", action="store_true",
+                   help="symbolic sizes (torch.compile dynamic=True): prints saved bytes and "
+                        "peak as formulas in the input sizes")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--plot", default=None, metavar="FILE", help="write a plot (.png, .pdf, .svg)")
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback when something fails")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ckptfx`` argument parser (imports nothing heavy)."""
+    parser = _Parser(prog=PROG, allow_abbrev=False, description=(
+        "Plan which activations a training step saves and which it recomputes. "
+        "ckptfx report TARGET: what is saved, what is recomputed, why, and the memory "
+        "timeline; ckptfx frontier TARGET: a memory-budget sweep; ckptfx demo: train the "
+        "built-in GPT with and without ckptfx. TARGET is gpt (built-in), "
+        "package.module:factory (a callable returning (model, example_inputs)), or --hf "
+        "MODEL_TYPE (a transformers model from its config, random weights)."))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    demo = sub.add_parser("demo", help="train the built-in GPT with and without ckptfx",
+                          allow_abbrev=False)
+    _sizes(demo)
+    _plan_args(demo)
+    demo.add_argument("--steps", type=positive_int, default=3, help="training steps (default 3)")
+    demo.add_argument("--inner", default="inductor", choices=["inductor", "eager"])
+    report = sub.add_parser("report", help="plan a model; print what is saved, recomputed, why",
+                            allow_abbrev=False)
+    _target_args(report)
+    _sizes(report)
+    _plan_args(report)
+    report.add_argument("--timeline", default=None, metavar="FILE",
+                        help="draw live memory through the step (this plan, no recompute, "
+                             "PyTorch's partitioner) to FILE")
+    frontier = sub.add_parser("frontier", help="sweep memory budgets over a model",
+                              allow_abbrev=False)
+    _target_args(frontier)
+    _sizes(frontier)
+    _plan_args(frontier, budget=False)
+    frontier.add_argument("--budgets", default="1.0,0.8,0.6,0.4,0.2,0.0",
+                          help="comma-separated memory_budget values (default 1.0,...,0.0)")
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ckptfx")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def check_output(path: str | None, option: str, plot: bool = False) -> None:
+    """Checks that ``path`` can be written (and drawn) before any work.
+
+    Raises:
+        UsageError: its folder does not exist or is not writable, a plot's extension is not
+            one matplotlib writes, or matplotlib is missing.
+    """
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path}: is a folder; give a file name")
+    if not os.path.isdir(folder):
+        raise UsageError(f"{option} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"{option} {path}: not writable")
+    if plot:
+        if os.path.splitext(path)[1].lower() not in _PLOT_EXTS:
+            raise UsageError(f"{option} {path}: use a {', '.join(_PLOT_EXTS)} file name")
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError(f"{option} needs matplotlib: pip install 'ckptfx[plot]'")
+
+
+def options_of(args) -> dict:
+    """RematConfig options from the parsed arguments, validated.
+
+    Raises:
+        ConfigError: a bad budget, policy or combination.
+    """
+    from ckptfx.config import RematConfig
+
     options = {}
-    if args.budget is not None:
-        options["memory_budget"] = _budget_value(args.budget)
+    if getattr(args, "budget", None) is not None:
+        options["memory_budget"] = _cli_budget(args.budget, "--budget")
+    if getattr(args, "budget_kind", None) is not None:
+        options["budget_kind"] = args.budget_kind
     if args.solver is not None:
         options["solver"] = args.solver
     if args.policy is not None:
         options["policy"] = args.policy
+    RematConfig.from_options(options)  # raises ConfigError naming the option
     return options
 
 
-def _budget_value(text: str):
-    try:
-        return float(text) if "." in text and text.replace(".", "", 1).isdigit() else text
-    except ValueError:
-        return text
+def validate(args) -> None:
+    """Every check that needs no model: raises UsageError or ConfigError."""
+    from ckptfx.target import check_target
 
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--layers", type=int, default=4, help="transformer blocks (default 4)")
-    p.add_argument("--width", type=int, default=256, help="hidden size (default 256)")
-    p.add_argument("--seq", type=int, default=128, help="sequence length (default 128)")
-    p.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
-    p.add_argument("--budget", default=None,
-                   help="memory_budget: a fraction like 0.5 or a size like 64MiB")
-    p.add_argument("--solver", default=None, help="auto, mincut, budget, greedy, uniform")
-    p.add_argument("--policy", default=None, help="a built-in policy name")
-
-
-def _cfg(args):
-    from ckptfx.demo import GPTConfig
-
-    return GPTConfig(layers=args.layers, width=args.width, seq=args.seq, batch=args.batch,
-                     heads=max(1, args.width // 64))
-
-
-def cmd_demo(args) -> int:
-    from ckptfx.demo import format_table, run_demo
-
-    rows = run_demo(_cfg(args), steps=args.steps, inner=args.inner, options=_options(args))
-    print(format_table(rows))
-    bad = [r.name for r in rows if not r.grads_match]
-    if bad:
-        print(f"gradients differ from eager for: {', '.join(bad)}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _demo_joint(args):
-    """The built-in GPT of the given sizes, traced to its joint graph."""
-    import torch
-
-    import ckptfx
-    from ckptfx.demo import TinyGPT
-
-    cfg = _cfg(args)
-    torch.manual_seed(0)
-    model = TinyGPT(cfg)
-    ids = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq))
-    return ckptfx.trace_joint(model, ids)
-
-
-def cmd_report(args) -> int:
-    import ckptfx
-
-    config = ckptfx.RematConfig.from_options(_options(args))
-    joint = _demo_joint(args)
-    plan = ckptfx.plan_remat(joint, config)
-    _, _, report = ckptfx.apply_plan(joint, plan, config)
-    print(report)
-    if args.plot:
-        report.plot(args.plot)
-        print(f"plot written to {args.plot}")
-    return 0
-
-
-def cmd_frontier(args) -> int:
-    import ckptfx
-    from ckptfx.frontier import format_frontier, plot_frontier
-
-    joint = _demo_joint(args)
-    budgets = [_budget_value(b) for b in args.budgets.split(",")]
-    rows = ckptfx.pareto(joint, budgets, ckptfx.RematConfig.from_options(
-        {"solver": args.solver or "budget", **({"policy": args.policy} if args.policy else {})}))
-    print(format_frontier(rows))
-    if args.plot:
-        plot_frontier(rows, args.plot)
-        print(f"plot written to {args.plot}")
-    return 0
+    if args.command in ("report", "frontier"):
+        check_target(args.target or (None if args.hf else "gpt"), args.hf)
+        check_output(args.json, "--json")
+        check_output(args.plot, "--plot", plot=True)
+        check_output(getattr(args, "timeline", None), "--timeline", plot=True)
+    if args.command == "frontier":
+        budgets = [b.strip() for b in args.budgets.split(",")]
+        if not all(budgets):
+            raise UsageError(f"--budgets {args.budgets!r} has an empty item")
+        for b in budgets:
+            _cli_budget(b, "--budgets")
+    options_of(args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ckptfx", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train the built-in GPT with and without ckptfx")
-    _model_args(demo)
-    demo.add_argument("--steps", type=int, default=3, help="training steps (default 3)")
-    demo.add_argument("--inner", default="inductor", choices=["inductor", "eager"])
-    report = sub.add_parser("report", help="plan the built-in GPT and print the report")
-    _model_args(report)
-    report.add_argument("--plot", default=None, help="write a PNG plot to this path")
-    frontier = sub.add_parser("frontier", help="sweep memory budgets over the built-in GPT")
-    _model_args(frontier)
-    frontier.add_argument("--budgets", default="1.0,0.8,0.6,0.4,0.2,0.0",
-                          help="comma-separated memory_budget values")
-    frontier.add_argument("--plot", default=None, help="write a PNG plot to this path")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    _Parser.argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     from ckptfx.errors import CkptfxError
 
     try:
-        return {"demo": cmd_demo, "report": cmd_report,
-                "frontier": cmd_frontier}[args.command](args)
-    except (CkptfxError, ImportError) as exc:
-        print(f"ckptfx: {exc}", file=sys.stderr)
+        validate(args)
+        from ckptfx import commands
+
+        return commands.run(args)
+    except (UsageError, CkptfxError, ImportError) as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"{PROG} {args.command}: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

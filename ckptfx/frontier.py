@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ckptfx.config import RematConfig, parse_budget
 from ckptfx.joint import JointGraph
@@ -38,13 +38,15 @@ class FrontierRow:
 
 
 def pareto(joint: JointGraph, budgets: Sequence[float | int | str] = DEFAULT_BUDGETS,
-           config: RematConfig | None = None) -> list[FrontierRow]:
+           config: RematConfig | None = None,
+           progress: Callable[[int, int, str], None] | None = None) -> list[FrontierRow]:
     """Sweeps memory budgets over one joint graph.
 
     Args:
         joint: the joint graph (``ckptfx.trace_joint``).
         budgets: memory_budget values (fractions, bytes or size strings), in any order.
         config: base options (solver defaults to "budget"; ``memory_budget`` is replaced).
+        progress: called as ``progress(i, n, budget)`` before the i-th of n budgets is solved.
 
     Returns:
         One FrontierRow per budget, in the order given.
@@ -57,8 +59,11 @@ def pareto(joint: JointGraph, budgets: Sequence[float | int | str] = DEFAULT_BUD
 
     base = RematConfig.coerce(config) if config is not None else RematConfig(solver="budget")
     rows = []
-    for b in budgets:
-        cfg = dataclasses.replace(base, memory_budget=parse_budget(b), strict=False)
+    parsed = [parse_budget(b) for b in budgets]  # every value checked before any work
+    for i, budget in enumerate(parsed):
+        if progress is not None:
+            progress(i, len(parsed), str(budget))
+        cfg = dataclasses.replace(base, memory_budget=budget, strict=False)
         plan = plan_remat(joint, cfg)
         _, _, report = apply_plan(joint, plan, cfg)
         rows.append(FrontierRow(

@@ -15,6 +15,9 @@ Call tree::
     ├── _storages(bw, ...)           saved placeholders reuse the forward's storages
     └── _replay(bw, ...)
 
+    storage_timeline(fw, bw, hints)  the same, keeping each step's live storages and their
+                                     sizes as expressions (timeline labels, size formulas)
+
 Example:
     >>> import torch, ckptfx
     >>> from ckptfx.memory import simulate
@@ -427,3 +430,64 @@ def predict_peak(fw: fx.GraphModule, bw: fx.GraphModule, joint: Any = None,
 
         hints = size_hints(joint, RematConfig())
     return simulate(fw, bw, hints).peak_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageTimeline:
+    """Which storages are live at every step of one simulated step (see :func:`simulate`).
+
+    Attributes:
+        steps: the MemorySteps, as :func:`simulate` gives them.
+        live: per step, the storages live while it runs: ``(graph, allocating node, output
+            index)`` keys.
+        nbytes: storage key -> bytes under the hints (graph inputs count 0).
+        exprs: storage key -> bytes as a sympy expression in the graphs' size symbols.
+        saved_bytes: bytes kept from the forward for the backward (as in MemoryTimeline).
+        saved_expr: the same bytes as a sympy expression.
+        gradients: the storages the backward returns (gradients of the inputs).
+    """
+
+    steps: tuple[MemoryStep, ...]
+    live: tuple[frozenset[_Key], ...]
+    nbytes: Mapping[_Key, int]
+    exprs: Mapping[_Key, sympy.Expr]
+    saved_bytes: int = 0
+    saved_expr: sympy.Expr = sympy.Integer(0)
+    gradients: frozenset[_Key] = frozenset()
+
+
+class _Symbolic(SizeHints):
+    """Hints that keep sizes symbolic: ``evaluate`` returns the sympy expression."""
+
+    def evaluate(self, expr):  # type: ignore[override]
+        return sympy.sympify(expr)
+
+
+def storage_timeline(fw: fx.GraphModule, bw: fx.GraphModule,
+                     hints: SizeHints | None = None) -> StorageTimeline:
+    """Like :func:`simulate`, keeping the live storages of every step and their sizes as
+    expressions too (for peak labels and peak formulas). Same Args and Raises."""
+    timeline = simulate(fw, bw, hints)
+    if hints is None:
+        hints = SizeHints.from_shape_env(compat.shape_env_of(fw.graph) or compat.shape_env_of(bw.graph))
+    user, saved = saved_inputs(fw, bw)
+    sym = _Symbolic()
+    fw_st = _storages(fw, FORWARD, {}, sym)
+    bw_st = _storages(bw, BACKWARD, {p: fw_st.refs[n] for p, n in saved.items()}, sym)
+    exprs = {**fw_st.nbytes, **bw_st.nbytes}
+    live: list[frozenset[_Key]] = []
+    alive: set[_Key] = set()
+    returned: set[_Key] = set()
+    for gm, st, keep in ((fw, fw_st, set()), (bw, bw_st, _refs_of(user, fw_st.refs))):
+        last, returned = _lifetimes(gm, st)
+        for i, node in enumerate(gm.graph.nodes):
+            new = st.created.get(node, ())
+            alive.update(new)
+            if node.op == "call_function" or new:
+                live.append(frozenset(alive))
+            alive.difference_update(k for k, idx in last.items()
+                                    if idx == i and k not in returned and k not in keep)
+    nbytes = {k: hints.evaluate(e) for k, e in exprs.items()}
+    kept = _refs_of(list(saved.values()), fw_st.refs)
+    return StorageTimeline(timeline.steps, tuple(live), nbytes, exprs, timeline.saved_bytes,
+                           sympy.Add(*[exprs[k] for k in kept]), frozenset(returned))

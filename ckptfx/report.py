@@ -13,18 +13,32 @@ from typing import Any
 
 @dataclasses.dataclass(frozen=True)
 class SavedValue:
-    """A saved value: name, op, bytes, module path, reason."""
+    """A saved value.
+
+    Attributes:
+        name: the joint-graph node.
+        op: its op.
+        nbytes: bytes it counts against the budget (0: a parameter or a size).
+        module: the module path that produced it ("" if the graph has none).
+        reason: why it is saved.
+        source: ``file.py:line`` of the code that produced it ("" if unknown).
+        detail: what sets it apart: which backward ops read it, or why it may not be
+            recomputed.
+    """
 
     name: str
     op: str
     nbytes: int
     module: str
     reason: str
+    source: str = ""
+    detail: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
 class RecomputedValue:
-    """A recomputed forward node: name, op, FLOPs and cost-model seconds of one recompute."""
+    """A recomputed forward node: FLOPs and cost-model seconds of one recompute, module,
+    reason, source line and what it is recomputed from (``detail``)."""
 
     name: str
     op: str
@@ -32,6 +46,8 @@ class RecomputedValue:
     cost_s: float
     module: str
     reason: str
+    source: str = ""
+    detail: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +70,10 @@ class RematReport:
         feasible: whether the budget was met.
         fallback: why the pass fell back to PyTorch's partitioner ("" if it did not).
         notes: solver notes.
+        formula: saved bytes and peak as expressions in the input sizes (graphs with
+            symbolic sizes), or None; see :meth:`evaluate`.
+        timeline: live bytes through the step for this plan, no recompute and PyTorch's
+            partitioner (:func:`ckptfx.timeline.memory_timeline`), or None.
     """
 
     graph_id: int
@@ -73,6 +93,8 @@ class RematReport:
     feasible: bool = True
     fallback: str = ""
     notes: tuple[str, ...] = ()
+    formula: Any = None
+    timeline: Any = None
 
     @property
     def gap(self) -> float | None:
@@ -86,39 +108,60 @@ class RematReport:
         return max(0.0, (self.objective - self.lower_bound) / abs(self.objective))
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-serialisable): every field, plus ``gap``; the formula and the
+        timeline as nested dicts. :meth:`from_dict` reads it back."""
         d = dataclasses.asdict(self)
         d["gap"] = self.gap
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RematReport":
+        """The report :meth:`to_dict` wrote (also after a JSON round trip)."""
+        from ckptfx.formula import SizeFormula
+        from ckptfx.timeline import Timeline
+
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in fields}
+        kw["saved"] = tuple(SavedValue(**v) for v in d.get("saved", ()))
+        kw["recomputed"] = tuple(RecomputedValue(**v) for v in d.get("recomputed", ()))
+        kw["notes"] = tuple(d.get("notes", ()))
+        if d.get("formula") is not None:
+            kw["formula"] = SizeFormula.from_dict(d["formula"])
+        if d.get("timeline") is not None:
+            kw["timeline"] = Timeline.from_dict(d["timeline"])
+        return cls(**kw)
+
+    def evaluate(self, **sizes: int):
+        """Saved and predicted peak bytes at other input sizes, from :attr:`formula`
+        (``report.evaluate(batch=16, seq=8192).saved_bytes``).
+
+        Raises:
+            ConfigError: the graph had static sizes (compile with ``dynamic=True`` or
+                ``torch._dynamo.mark_dynamic``), or an unknown size name.
+        """
+        if self.formula is None:
+            from ckptfx.errors import ConfigError
+
+            raise ConfigError(
+                f"graph {self.graph_id} has no size formula: its sizes were static; compile "
+                f"with dynamic=True or torch._dynamo.mark_dynamic(x, dim) to get one")
+        return self.formula.evaluate(**sizes)
+
+    def summary(self) -> str:
+        """One line: solver, saved and peak MiB, recomputed ops."""
+        from ckptfx.report_text import size
+
+        peak = (f", predicted peak {size(self.predicted_peak_bytes)}"
+                if self.predicted_peak_bytes is not None else "")
+        fb = f" (fallback: {self.fallback})" if self.fallback else ""
+        return (f"ckptfx graph {self.graph_id}: solver={self.solver}{fb}, saved "
+                f"{size(self.saved_bytes)} of {size(self.saved_bytes_no_remat)}"
+                f"{peak}, {len(self.recomputed)} ops recomputed")
+
     def __str__(self) -> str:
-        mib = 2 ** 20
-        lines = [
-            f"ckptfx graph {self.graph_id}: solver={self.solver}"
-            + (f" (fallback: {self.fallback})" if self.fallback else ""),
-            f"  saved for backward: {self.saved_bytes / mib:.2f} MiB "
-            f"(no recompute: {self.saved_bytes_no_remat / mib:.2f} MiB"
-            + (f", budget {self.budget_bytes / mib:.2f} MiB" if self.budget_bytes is not None else "")
-            + ")",
-            f"  recomputed: {len(self.recomputed)} ops, {self.extra_flops / 1e6:.2f} MFLOP, "
-            f"~{self.extra_cost_s * 1e3:.3f} ms (cost model)",
-            f"  solve {self.solve_time_s * 1e3:.1f} ms, plan+rewrite {self.plan_time_s * 1e3:.1f} ms"
-            + (f", {self.gap:.1%} above the LP-relaxation bound" if self.gap else "")
-            + (f", predicted peak {self.predicted_peak_bytes / mib:.2f} MiB"
-               if self.predicted_peak_bytes is not None else ""),
-        ]
-        if self.saved:
-            lines.append(f"  {'saved':<28}{'op':<28}{'KiB':>10}  reason")
-            for s in sorted(self.saved, key=lambda s: -s.nbytes)[:25]:
-                lines.append(f"  {s.name:<28}{s.op[:27]:<28}{s.nbytes / 1024:>10.1f}  {s.reason}")
-            if len(self.saved) > 25:
-                lines.append(f"  ... {len(self.saved) - 25} more saved values")
-        if self.recomputed:
-            lines.append(f"  {'recomputed':<28}{'op':<28}{'MFLOP':>10}  reason")
-            for r in sorted(self.recomputed, key=lambda r: -r.cost_s)[:25]:
-                lines.append(f"  {r.name:<28}{r.op[:27]:<28}{r.flops / 1e6:>10.2f}  {r.reason}")
-            if len(self.recomputed) > 25:
-                lines.append(f"  ... {len(self.recomputed) - 25} more recomputed ops")
-        return "\n".join(lines)
+        from ckptfx.report_text import render
+
+        return render(self)
 
     def plot(self, path: str | None = None):
         """Bar charts of saved bytes per module (per op when the graph has no module paths)
@@ -140,7 +183,7 @@ class RematReport:
 
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
         by_module = any(s.module for s in self.saved)  # graphs traced without Dynamo have none
-        saved = group(self.saved, lambda s: _short_module(s.module) if by_module else s.op,
+        saved = group(self.saved, lambda s: short_module(s.module) if by_module else s.op,
                       lambda s: s.nbytes / 2 ** 20)
         ax1.barh([k for k, _ in saved][::-1], [v for _, v in saved][::-1], color="tab:blue")
         ax1.set_xlabel(f"saved for backward (MiB), by {'module' if by_module else 'op'}")
@@ -170,24 +213,75 @@ def pyplot():
     return plt
 
 
-def _short_module(path: str) -> str:
-    """A module path without Dynamo's ``L['self'].`` prefix."""
-    for prefix in ("L['self'].", "L['self']"):
-        if path.startswith(prefix):
-            return path[len(prefix):]
-    return path
+def short_module(path: str) -> str:
+    """A module path without Dynamo's root prefix (``L['self'].``, ``L['args'][0].``)."""
+    import re
+
+    return re.sub(r"^L\[[^\]]*\](\[\d+\])*\.?", "", path)
+
+
+def source_line(meta: dict) -> str:
+    """``file.py:line`` of the innermost user frame of a node's ``stack_trace`` ("" if none)."""
+    import re
+
+    frames = re.findall(r'File "([^"]+)", line (\d+)', meta.get("stack_trace") or "")
+    if not frames:
+        return ""
+    path, line = frames[-1]
+    return f"{path.rsplit('/', 1)[-1]}:{line}"
+
+
+def _names(nodes, limit: int = 3) -> str:
+    names = [n.name for n in nodes]
+    more = f" +{len(names) - limit}" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _saved_detail(node, joint, facts) -> str:
+    from ckptfx.joint import Role
+
+    if facts.ban_reason and facts.ban_reason != "graph input":
+        return f"may not be recomputed: {facts.ban_reason}"
+    readers = [u for u in node.users if joint.roles.get(u.name) is Role.BACKWARD]
+    if facts.compute_intensive:
+        why = f"{facts.op_name} is compute-bound (recompute_expensive=False)"
+        return why + (f"; read by {_names(readers)}" if readers else "")
+    return f"read by {_names(readers)}" if readers else "inputs of recomputed ops"
+
+
+def _recomputed_detail(node) -> str:
+    return f"from {_names(node.all_input_nodes)}" if node.all_input_nodes else ""
 
 
 def build_report(graph_id: int, plan, table, plan_time_s: float,
-                 predicted_peak: int | None = None, fallback: str = "") -> RematReport:
-    """Builds a RematReport from a RematPlan and the NodeTable it was planned on."""
+                 predicted_peak: int | None = None, fallback: str = "", *,
+                 joint=None, graphs=None) -> RematReport:
+    """Builds a RematReport from a RematPlan and the NodeTable it was planned on.
+
+    Args:
+        graph_id: the graph's running number.
+        plan: the RematPlan.
+        table: the NodeTable it was planned on.
+        plan_time_s: seconds spent planning and rewriting.
+        predicted_peak: the simulated peak, bytes.
+        fallback: why the pass fell back ("" if it did not).
+        joint: the JointGraph: source lines and details per row (optional).
+        graphs: the emitted (fw, bw): with symbolic sizes, the formula (optional).
+    """
+    nodes = {n.name: n for n in joint.graph.nodes} if joint is not None else {}
+
+    def extra(name, detail_fn):
+        node = nodes.get(name)
+        return (source_line(node.meta), detail_fn(node)) if node is not None else ("", "")
+
     saved = tuple(
         SavedValue(s, table[s].op_name, plan.decisions[s].nbytes, table[s].module_path,
-                   plan.decisions[s].reason)
+                   plan.decisions[s].reason,
+                   *extra(s, lambda n: _saved_detail(n, joint, table[s])))
         for s in plan.saved)
     recomputed = tuple(
         RecomputedValue(r, table[r].op_name, table[r].flops, table[r].cost_s, table[r].module_path,
-                        plan.decisions[r].reason)
+                        plan.decisions[r].reason, *extra(r, _recomputed_detail))
         for r in plan.recomputed)
     return RematReport(
         graph_id=graph_id, solver=plan.solver, saved=saved, recomputed=recomputed,
@@ -196,4 +290,35 @@ def build_report(graph_id: int, plan, table, plan_time_s: float,
         extra_cost_s=sum(r.cost_s for r in recomputed), solve_time_s=plan.solve_time_s,
         plan_time_s=plan_time_s, objective=plan.objective, lower_bound=plan.lower_bound,
         predicted_peak_bytes=predicted_peak, feasible=plan.feasible, fallback=fallback,
-        notes=plan.notes)
+        notes=plan.notes + _module_note(table), formula=_formula(joint, graphs, table.hints))
+
+
+def _module_note(table) -> tuple[str, ...]:
+    if any(r.module_path for r in table.rows):
+        return ()
+    return ("the graph carries no module paths (traced without Dynamo): module-based "
+            "policies (uniform, megatron_selective, save_modules) cannot act on it; "
+            "use torch.compile or ckptfx.capture.capture_joints",)
+
+
+def _formula(joint, graphs, hints):
+    """The SizeFormula of the emitted graphs when their sizes are symbolic, else None (a
+    failure is logged, never raised: the report is informative)."""
+    if joint is None or graphs is None:
+        return None
+    from ckptfx import _torch_compat as compat
+
+    shape_env = compat.shape_env_of(joint.graph)
+    if shape_env is None:
+        return None
+    import logging
+
+    from ckptfx.formula import size_formula
+    from ckptfx.memory import storage_timeline
+
+    try:
+        return size_formula(storage_timeline(*graphs, hints), shape_env, hints)
+    except Exception as exc:  # informative only
+        logging.getLogger("ckptfx").debug("ckptfx: no size formula (%s: %s)",
+                                          type(exc).__name__, exc)
+        return None

@@ -1,9 +1,11 @@
-"""The ckptfx command: demo and report."""
+"""The ckptfx command: demo, report and frontier on built-in, factory and --hf targets, and
+one clear line for every mistake."""
 
 from __future__ import annotations
 
 import torch
 
+import ckptfx
 from ckptfx import cli
 from ckptfx.demo import GPTConfig, Row, compare, format_table, run_demo
 
@@ -41,3 +43,122 @@ def test_bad_option_exits_2(capsys):
     code = cli.main(["report", "--layers", "1", "--width", "64", "--seq", "16", "--batch", "2",
                      "--budget", "lots"])
     assert code == 2 and "memory_budget" in capsys.readouterr().err
+
+
+# --- targets, files and mistakes -------------------------------------------------------------
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+TINY = ["--width", "16", "--layers", "1", "--batch", "2", "--seq", "4"]
+
+
+def _run(argv, capsys):
+    """(exit status, stdout, stderr) of ``ckptfx argv``; argparse's exits count too."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_report_on_a_module_factory_writes_json_and_timeline(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    js, png = tmp_path / "r.json", tmp_path / "t.png"
+    code, out, err = _run(["report", "toy_models:mlp", *TINY, "--json", str(js),
+                           "--timeline", str(png)], capsys)
+    assert code == 0, err
+    assert "saved for backward" in out and "memory timeline" in out and "blocks.0" in out
+    graphs = json.loads(js.read_text())["graphs"]
+    names = [c["name"] for c in graphs[0]["timeline"]["curves"]]
+    assert names == ["this plan", "no recompute", "PyTorch min-cut"]
+    assert ckptfx.RematReport.from_dict(graphs[0]).timeline.curves[0].peak_bytes == \
+        graphs[0]["predicted_peak_bytes"]
+    assert png.stat().st_size > 0
+
+
+def test_report_dynamic_prints_the_formula(capsys):
+    code, out, err = _run(["report", "toy_models:mlp", *TINY, "--dynamic"], capsys)
+    assert code == 0, err
+    assert "saved = " in out and "batch" in out and "seq" in out
+
+
+def test_frontier_on_a_factory_shows_progress_and_writes_json(tmp_path, capsys):
+    js = tmp_path / "f.json"
+    code, out, err = _run(["frontier", "toy_models:mlp", *TINY, "--budgets", "1.0,0.0",
+                           "--json", str(js)], capsys)
+    assert code == 0, err
+    assert "feasible" in out and "(2 of 2)" in err
+    rows = json.loads(js.read_text())["graphs"][0]
+    assert [r["budget"] for r in rows] == ["1.0", "0.0"]
+    assert rows[1]["saved_bytes"] <= rows[0]["saved_bytes"]
+
+
+def test_report_and_frontier_on_hf_llama(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    sizes = ["--layers", "1", "--width", "64", "--seq", "16", "--batch", "2", "--vocab", "128"]
+    code, out, err = _run(["report", "--hf", "llama", *sizes], capsys)
+    assert code == 0, err
+    assert "model.layers.0" in out and "PyTorch min-cut" in out
+    code, out, err = _run(["frontier", "--hf", "llama", *sizes, "--budgets", "0.5"], capsys)
+    assert code == 0, err
+
+
+BAD = [
+    (["report", "nope"], "neither a built-in model"),
+    (["report", "no_such_module_xyz:f"], "cannot import"),
+    (["report", "models/toy_models.py:mlp"], "toy_models:mlp"),
+    (["report", "toy_models:missing"], "has no 'missing'"),
+    (["report", "toy_models:raises"], "RuntimeError: weights not found"),
+    (["report", "toy_models:not_a_pair"], "must return (model, example_inputs)"),
+    (["report", "toy_models:raises", "--layers", "2"], "does not take --layers"),
+    (["report", "toy_models:lstm"], "allow_rnn"),
+    (["report", "--bogus"], "unrecognized arguments: --bogus"),
+    (["report", "--plot", "/nonexistent/x.png"], "does not exist"),
+    (["report", "--json", "/nonexistent/x.json"], "does not exist"),
+    (["report", "--timeline", "t.txt"], ".png"),
+    (["demo", "--steps", "0"], "must be at least 1"),
+    (["report", "--width", "0"], "must be at least 1"),
+    (["report", "--layers", "-1"], "must be at least 1"),
+    (["report", "--batch", "0"], "must be at least 1"),
+    (["frontier", "--budget", "0.5"], "frontier sweeps --budgets"),
+    (["frontier", "--budgets", "0.5,,0"], "empty item"),
+    (["frontier", "--budgets", "0.5,lots"], "memory_budget"),
+    (["report", "--budget", "lots"], "memory_budget"),
+    (["report", "--budget", "64"], "e.g. 64MiB"),
+    (["report", "--inner", "eager"], "ckptfx report: unrecognized arguments: --inner"),
+    (["report", "--policy", "nope"], "policy"),
+    (["report", "--hf", "nope"], "not a transformers model type"),
+    (["report", "gpt", "--hf", "llama"], "not both"),
+]
+
+
+@pytest.mark.parametrize("argv,words", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_a_mistake_is_one_line_and_exit_2(argv, words, capsys):
+    code, out, err = _run(argv, capsys)
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if not ln.startswith("ckptfx: capturing")]
+    assert len(lines) == 1 and words in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_budget_one_is_the_fraction_one():
+    args = cli.build_parser().parse_args(["report", "--budget", "1"])
+    assert cli.options_of(args) == {"memory_budget": 1.0}
+
+
+def test_help_is_plain_and_imports_no_torch():
+    code = ("import sys; from ckptfx import cli\n"
+            "for argv in (['--help'], ['report', '--help'], ['--version']):\n"
+            "    try: cli.main(argv)\n"
+            "    except SystemExit: pass\n"
+            "print('torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().endswith("False")
+    assert "``" not in res.stdout and "--timeline" in res.stdout and "ckptfx " in res.stdout

@@ -534,7 +534,7 @@ def test_megatron_selective_composes_with_a_memory_budget():
     the attention core too (a saved ``view`` of QK^T would keep the scores by another name)."""
     from ckptfx.planner import plan
 
-    from dynamo_joint import dynamo_joints
+    from ckptfx.capture import dynamo_joints
 
     joint = dynamo_joints(Net(blocks=2), _net_x())[0]
     core = {"bmm", "view_5", "div", "masked_fill", "_softmax", "bmm_1"}  # block 0

@@ -13,7 +13,7 @@ import ckptfx
 from ckptfx.measure import saved_tensor_bytes
 from ckptfx.planner import plan
 
-from dynamo_joint import dynamo_joints
+from ckptfx.capture import dynamo_joints
 
 transformers = pytest.importorskip("transformers")
 

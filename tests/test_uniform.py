@@ -23,7 +23,7 @@ from ckptfx.solvers.uniform import (
 )
 
 from conftest import assert_bitwise, run_module
-from dynamo_joint import dynamo_joints
+from ckptfx.capture import dynamo_joints
 
 D, BATCH = 64, 32
 B = BATCH * D * 4  # bytes of one residual-stream tensor (fp32)

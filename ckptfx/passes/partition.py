@@ -40,7 +40,8 @@ def partition_joint(joint: JointGraph, config: RematConfig, graph_id: int = 0,
     fw, bw = apply_plan(joint, planned.plan)
     elapsed = time.perf_counter() - start
     peak = _safe_peak(fw, bw, joint, planned.table.hints)
-    report = build_report(graph_id, planned.plan, planned.table, elapsed, predicted_peak=peak)
+    report = build_report(graph_id, planned.plan, planned.table, elapsed, predicted_peak=peak,
+                          joint=joint, graphs=(fw, bw))
     return (fw, bw, report, planned.plan) if return_plan else (fw, bw, report)
 
 
@@ -70,7 +71,8 @@ def apply_plan(joint: JointGraph, plan, config: RematConfig | None = None, graph
     table = build_table(joint, size_hints(joint, config), cost_model=rank_safe_cost_model(config))
     elapsed = time.perf_counter() - start
     return fw, bw, build_report(graph_id, plan, table, elapsed,
-                                predicted_peak=_safe_peak(fw, bw, joint, table.hints))
+                                predicted_peak=_safe_peak(fw, bw, joint, table.hints),
+                                joint=joint, graphs=(fw, bw))
 
 
 def _forward_saved_bytes(fw, num_fwd_outputs: int) -> int:
@@ -106,6 +108,21 @@ def _safe_peak(fw, bw, joint, hints=None) -> int | None:
         log.warning("ckptfx: peak simulation failed (%s: %s); report has no predicted peak",
                     type(exc).__name__, exc)
         return None
+
+
+def emit(report: RematReport) -> None:
+    """Logs one graph's report: the full report at DEBUG on the ``ckptfx`` logger (the
+    backend logs its one INFO line per compiled graph), and the report as JSON in PyTorch's
+    structured compile trace (``TORCH_TRACE``; ``tlparse`` shows the artifact
+    ``ckptfx_report``)."""
+    import json
+
+    log.debug("%s", report)
+    try:
+        compat.trace_structured_artifact(
+            "ckptfx_report", lambda: json.dumps(report.to_dict(), default=str))
+    except Exception as exc:  # the trace is informative only
+        log.debug("ckptfx: no structured trace artifact (%s)", exc)
 
 
 def fallback_partition(joint_module, joint_inputs, num_fwd_outputs: int, **kwargs):
@@ -184,7 +201,7 @@ def partition_fn(config: RematConfig | None = None,
                                  saved_bytes=_forward_saved_bytes(fw, num_fwd_outputs))
         if on_report is not None:
             on_report(report)
-        log.debug("%s", report)
+        emit(report)
         return fw, bw
 
     return fn

@@ -1,0 +1,156 @@
+"""What the ``ckptfx`` subcommands do once :mod:`ckptfx.cli` has checked their arguments.
+
+``report``: build the target, capture its joint graphs through Dynamo
+(:func:`ckptfx.capture.capture_joints`), plan and apply each, simulate the memory timeline,
+print the reports; ``--json``, ``--plot`` and ``--timeline`` write files. ``frontier``: the
+same capture, then a budget sweep per graph with progress on stderr. ``demo``: trains the
+built-in GPT (:mod:`ckptfx.demo`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from typing import Any
+
+
+def run(args) -> int:
+    """Runs the parsed, validated command; returns the exit status."""
+    return {"demo": demo, "report": report, "frontier": frontier}[args.command](args)
+
+
+def _progress(text: str) -> None:
+    print(f"ckptfx: {text}", file=sys.stderr, flush=True)
+
+
+def _sizes(args):
+    from ckptfx.target import Sizes
+
+    return Sizes(layers=args.layers, width=args.width, seq=args.seq, batch=args.batch,
+                 vocab=args.vocab)
+
+
+def demo(args) -> int:
+    from ckptfx.cli import options_of
+    from ckptfx.demo import GPTConfig, format_table, run_demo
+
+    s = _sizes(args)
+    width = s.get("width", 256)
+    cfg = GPTConfig(vocab=s.get("vocab", 4096), seq=s.get("seq", 128),
+                    layers=s.get("layers", 4), width=width, heads=max(1, width // 64),
+                    batch=s.get("batch", 8))
+    rows = run_demo(cfg, steps=args.steps, inner=args.inner, options=options_of(args))
+    print(format_table(rows))
+    bad = [r.name for r in rows if not r.grads_match]
+    if bad:
+        print(f"gradients differ from eager for: {', '.join(bad)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def capture(args) -> list[Any]:
+    """The joint graphs of the command's target.
+
+    Raises:
+        TargetError: the target cannot be built.
+        UnsupportedGraphError: the compile gave no graph to plan.
+        CkptfxError: Dynamo or AOTAutograd failed on the model (one line, the cause).
+    """
+    from ckptfx.capture import capture_joints
+    from ckptfx.errors import CkptfxError, UnsupportedGraphError
+    from ckptfx.target import build
+
+    target = args.target or (None if args.hf else "gpt")
+    model, inputs = build(target, _sizes(args), hf=args.hf)
+    name = target or f"--hf {args.hf}"
+    _progress(f"capturing {name} with torch.compile"
+              + (" (dynamic=True)" if args.dynamic else ""))
+    try:
+        return capture_joints(model, inputs, dynamic=True if args.dynamic else None)
+    except CkptfxError:
+        raise
+    except Exception as exc:  # Dynamo/AOTAutograd on the user's model: one line, the cause
+        if args.debug:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise UnsupportedGraphError(f"capturing {name} failed: {type(exc).__name__}: {first} "
+                                    f"(rerun with --debug for the traceback)") from None
+
+
+def plan_graph(joint, options: dict, graph_id: int, with_timeline: bool = True):
+    """(report, plan) of one joint graph under ``options``, with its timeline."""
+    from ckptfx.config import RematConfig
+    from ckptfx.passes.partition import partition_joint
+    from ckptfx.timeline import memory_timeline
+
+    config = RematConfig.from_options(options)
+    fw, bw, rep, plan = partition_joint(joint, config, graph_id, return_plan=True)
+    if with_timeline:
+        rep = dataclasses.replace(rep, timeline=memory_timeline(joint, plan, config, (fw, bw)))
+    return rep, plan
+
+
+def report(args) -> int:
+    from ckptfx.cli import options_of
+
+    options = options_of(args)
+    joints = capture(args)
+    reports = []
+    for i, joint in enumerate(joints):
+        _progress(f"planning graph {i + 1} of {len(joints)} "
+                  f"({sum(1 for _ in joint.graph.nodes)} nodes)")
+        reports.append(plan_graph(joint, options, i)[0])
+    print("\n\n".join(str(r) for r in reports))
+    main = max(reports, key=lambda r: r.saved_bytes_no_remat)
+    if args.json:
+        _write_json(args.json, {"graphs": [r.to_dict() for r in reports]})
+    if args.plot:
+        main.plot(args.plot)
+        print(f"plot written to {args.plot}")
+    if args.timeline:
+        from ckptfx.timeline import plot_timeline
+
+        plot_timeline(main.timeline, args.timeline, title=_title(args, main))
+        print(f"timeline written to {args.timeline}"
+              + (f" (graph {main.graph_id}, the largest of {len(reports)})"
+                 if len(reports) > 1 else ""))
+    return 0
+
+
+def _title(args, rep) -> str:
+    name = args.target or (f"--hf {args.hf}" if args.hf else "gpt")
+    return f"{name}: memory through one training step (solver {rep.solver})"
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+    print(f"JSON written to {path}")
+
+
+def frontier(args) -> int:
+    from ckptfx.cli import budget_value, options_of
+    from ckptfx.config import RematConfig
+    from ckptfx.frontier import format_frontier, pareto, plot_frontier
+
+    options = {"solver": "budget", **options_of(args)}
+    budgets = [budget_value(b.strip()) for b in args.budgets.split(",")]
+    joints = capture(args)
+    results = []
+    for i, joint in enumerate(joints):
+        def tick(k, n, budget, i=i):
+            _progress(f"graph {i + 1}/{len(joints)}: budget {budget} ({k + 1} of {n})")
+
+        rows = pareto(joint, budgets, RematConfig.from_options(options), progress=tick)
+        results.append(rows)
+        if len(joints) > 1:
+            print(f"graph {i}:")
+        print(format_frontier(rows))
+    if args.json:
+        _write_json(args.json, {"graphs": [[dataclasses.asdict(r) for r in rows]
+                                           for rows in results]})
+    if args.plot:
+        plot_frontier(max(results, key=lambda rows: rows[0].saved_bytes), args.plot)
+        print(f"plot written to {args.plot}")
+    return 0

@@ -1,0 +1,275 @@
+"""Memory timeline: live bytes through one training step, for three partitions of one graph.
+
+``memory_timeline(joint, plan)`` simulates (:mod:`ckptfx.memory`) the forward then the
+backward of
+
+* ``this plan``: the ckptfx plan given;
+* ``no recompute``: the plan that saves everything the backward reads;
+* ``PyTorch min-cut``: torch.compile's own partitioner (``min_cut_rematerialization_partition``
+  at its default budget) on the same joint graph,
+
+and returns a :class:`Timeline`: one :class:`Curve` per partition (live bytes per op), each
+peak with a few words on what is live there. :func:`plot_timeline` draws it (matplotlib).
+
+Example:
+    >>> import torch, ckptfx
+    >>> from ckptfx.timeline import memory_timeline
+    >>> x = torch.randn(64, 64, requires_grad=True)
+    >>> joint = ckptfx.trace_joint(lambda x: x.sin().exp().tanh().sum(), x)
+    >>> tl = memory_timeline(joint, ckptfx.plan_remat(joint))
+    >>> [c.name for c in tl.curves]
+    ['this plan', 'no recompute', 'PyTorch min-cut']
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+log = logging.getLogger("ckptfx")
+
+THIS_PLAN, NO_RECOMPUTE, TORCH = "this plan", "no recompute", "PyTorch min-cut"
+
+
+@dataclasses.dataclass(frozen=True)
+class Curve:
+    """Live bytes through one step under one partition.
+
+    Attributes:
+        name: the partition (``this plan``, ``no recompute``, ``PyTorch min-cut``).
+        live_bytes: bytes live at each op, forward ops first, then backward ops.
+        forward_ops: how many of the points belong to the forward.
+        peak_bytes: the largest point, bytes.
+        peak_index: the index of the (first) largest point.
+        peak_label: what is live at the peak, in a few words.
+        saved_bytes: bytes kept from forward to backward, bytes.
+    """
+
+    name: str
+    live_bytes: tuple[int, ...]
+    forward_ops: int
+    peak_bytes: int
+    peak_index: int
+    peak_label: str
+    saved_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Timeline:
+    """The curves of one joint graph and the budget line.
+
+    Attributes:
+        curves: one Curve per partition.
+        budget_bytes: the plan's budget, bytes, or None.
+        budget_kind: what the budget bounds: ``"saved"`` bytes or the ``"peak"``.
+    """
+
+    curves: tuple[Curve, ...]
+    budget_bytes: int | None = None
+    budget_kind: str = "saved"
+
+    def curve(self, name: str) -> Curve:
+        """The curve named ``name``.
+
+        Raises:
+            KeyError: no such curve.
+        """
+        for c in self.curves:
+            if c.name == name:
+                return c
+        raise KeyError(f"no curve {name!r}; curves: {[c.name for c in self.curves]}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Timeline":
+        curves = tuple(Curve(**{**c, "live_bytes": tuple(c["live_bytes"])}) for c in d["curves"])
+        return cls(curves, d.get("budget_bytes"), d.get("budget_kind", "saved"))
+
+
+def curve_of(name: str, fw, bw, hints=None, meta: dict[str, dict] | None = None) -> Curve:
+    """Simulates one forward/backward pair into a Curve (see :func:`ckptfx.memory.simulate`).
+
+    Args:
+        name: the curve's name.
+        fw, bw: the forward and backward GraphModules (AOTAutograd's convention).
+        hints: size hints for symbolic sizes.
+        meta: joint-graph node name -> its ``meta`` (module paths for the peak label).
+    """
+    from ckptfx.memory import storage_timeline
+
+    st = storage_timeline(fw, bw, hints)
+    live = tuple(s.live_bytes for s in st.steps)
+    n_fw = sum(1 for s in st.steps if s.graph == "forward")
+    idx = max(range(len(live)), key=live.__getitem__, default=0)
+    label = peak_label(st, idx, meta or {}) if live else ""
+    return Curve(name, live, n_fw, live[idx] if live else 0, idx, label, st.saved_bytes)
+
+
+def peak_label(st, idx: int, meta: dict[str, dict]) -> str:
+    """A few words on what is live at step ``idx``: the graph and op running, how many
+    tensors (how many kept from the forward, how many are gradients), and the largest of
+    them with its module."""
+    from ckptfx.report import short_module
+
+    step = st.steps[idx]
+    live = [k for k in st.live[idx] if st.nbytes[k] > 0]
+    saved = [k for k in live if k[0] == "forward"] if step.graph == "backward" else []
+    largest = max(live, key=lambda k: st.nbytes[k], default=None)
+    n_grads = sum(1 for k in live if k in st.gradients)
+    kinds = [f"{len(saved)} from the forward"] if saved else []
+    kinds += [f"{n_grads} gradients"] if n_grads else []
+    words = f"{step.graph} at {step.node}: {len(live)} tensors"
+    if kinds:
+        words += f" ({', '.join(kinds)})"
+    if largest is not None:
+        module = short_module(_module_path(meta.get(largest[1], {})))
+        where = f" in {module}" if module else ""
+        kind = " (a gradient)" if largest in st.gradients else ""
+        words += f"; largest {largest[1]}{kind}{where}, {st.nbytes[largest] / 2 ** 20:.1f} MiB"
+    return words
+
+
+def _module_path(meta: dict) -> str:
+    stack = meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    last = list(stack.values())[-1]
+    return last[0] if isinstance(last, tuple) else str(last)
+
+
+def no_recompute_graphs(joint, config=None):
+    """(fw, bw) of the plan that recomputes nothing: it saves every forward value the
+    backward reads."""
+    from ckptfx.passes.rewrite import apply_plan
+    from ckptfx.planner import plan, to_plan
+    from ckptfx.solvers.base import Solution, least_recompute_saved, saved_bytes
+
+    problem = plan(joint, config).problem
+    full = least_recompute_saved(problem)
+    remat = to_plan(problem, Solution(full), "no-recompute", 0.0, saved_bytes(problem, full))
+    return apply_plan(joint, remat)
+
+
+def torch_graphs(joint):
+    """(fw, bw) of PyTorch's min-cut partitioner on a copy of the joint graph, or None
+    when it fails (logged)."""
+    from ckptfx import _torch_compat as compat
+
+    import warnings
+
+    with warnings.catch_warnings():  # deepcopy of pytree specs warns on some torch versions
+        warnings.simplefilter("ignore", FutureWarning)
+        gm = copy.deepcopy(joint.gm)
+    try:
+        return compat.torch_safe_partition(gm, joint.joint_inputs,
+                                           num_fwd_outputs=joint.num_fwd_outputs)
+    except Exception as exc:  # a reference curve only: the timeline goes on without it
+        log.warning("ckptfx: PyTorch's partitioner failed on graph (%s: %s); the timeline "
+                    "has no PyTorch curve", type(exc).__name__, exc)
+        return None
+
+
+def memory_timeline(joint, plan, config=None, graphs: Sequence[Any] | None = None) -> Timeline:
+    """The Timeline of ``plan`` on ``joint`` next to no recompute and PyTorch's min-cut.
+
+    Args:
+        joint: the JointGraph.
+        plan: the RematPlan (its ``budget_bytes`` draws the budget line).
+        config: the options the plan was made with (size hints).
+        graphs: the (fw, bw) already emitted for ``plan``; rebuilt when None.
+
+    Returns:
+        A Timeline with the three curves (two when PyTorch's partitioner fails).
+
+    Raises:
+        UnsupportedGraphError: the emitted graphs cannot be simulated.
+    """
+    from ckptfx.config import RematConfig
+    from ckptfx.passes.rewrite import apply_plan
+    from ckptfx.planner import size_hints
+
+    config = RematConfig.coerce(config)
+    hints = size_hints(joint, config)
+    meta = {n.name: n.meta for n in joint.graph.nodes}
+    fw, bw = graphs if graphs is not None else apply_plan(joint, plan)
+    curves = [curve_of(THIS_PLAN, fw, bw, hints, meta),
+              curve_of(NO_RECOMPUTE, *no_recompute_graphs(joint, config), hints, meta)]
+    theirs = torch_graphs(joint)
+    if theirs is not None:
+        curves.append(curve_of(TORCH, *theirs, hints, meta))
+    return Timeline(tuple(curves), plan.budget_bytes, config.budget_kind)
+
+
+def _budget_line(ax, timeline: Timeline) -> None:
+    """A peak budget spans the step; a saved-bytes budget bounds what crosses from the forward
+    to the backward, so it is drawn only around the start of the backward."""
+    mib = 2 ** 20
+    y = timeline.budget_bytes / mib
+    if timeline.budget_kind == "peak":
+        ax.axhline(y, color="tab:red", lw=1, ls=":", label=f"peak budget {y:.1f} MiB")
+        return
+    ax.hlines(y, 0.8, 1.2, color="tab:red", lw=1.5,
+              label=f"budget on saved bytes {y:.1f} MiB (what crosses from forward to backward)")
+
+
+def aligned_x(curve: Curve) -> list[float]:
+    """x of each point: forward ops spread over [0, 1), backward ops over [1, 2], so that
+    curves with different op counts line up at the start of the backward."""
+    n_fw, n = curve.forward_ops, len(curve.live_bytes)
+    n_bw = n - n_fw
+    return [j / max(1, n_fw) if j < n_fw else 1 + (j - n_fw) / max(1, n_bw - 1)
+            for j in range(n)]
+
+
+def plot_timeline(timeline: Timeline, path: str | None = None, title: str = ""):
+    """Draws live MiB against the step's ops (forward, then backward), one line per curve,
+    the budget line, each peak marked and labelled.
+
+    Args:
+        timeline: the Timeline.
+        path: where to write the figure (.png/.pdf/.svg); None only returns it.
+        title: the figure's title.
+
+    Returns:
+        The matplotlib Figure.
+    """
+    from ckptfx.report import pyplot
+
+    plt = pyplot()
+    mib = 2 ** 20
+    fig, ax = plt.subplots(figsize=(11, 6.5))
+    styles = {THIS_PLAN: ("tab:blue", "-"), NO_RECOMPUTE: ("tab:gray", "--"),
+              TORCH: ("tab:orange", "-.")}
+    captions = []
+    for i, c in enumerate(timeline.curves):
+        color, ls = styles.get(c.name, (None, "-"))
+        xs = aligned_x(c)
+        ax.plot(xs, [b / mib for b in c.live_bytes], ls, color=color, lw=1.4,
+                label=f"{c.name}: peak {c.peak_bytes / mib:.1f} MiB, "
+                      f"saved {c.saved_bytes / mib:.1f} MiB")
+        if xs:
+            ax.plot([xs[c.peak_index]], [c.peak_bytes / mib], "o", color=color, ms=7)
+            ax.annotate(str(i + 1), (xs[c.peak_index], c.peak_bytes / mib), color=color,
+                        xytext=(-9 + 9 * i, 8), textcoords="offset points", ha="center",
+                        fontsize=9, fontweight="bold")
+        captions.append((f"({i + 1}) {c.name} peak, {c.peak_bytes / mib:.1f} MiB: "
+                         f"{c.peak_label}", color))
+    if timeline.budget_bytes is not None:
+        _budget_line(ax, timeline)
+    ax.axvline(1.0, color="black", lw=0.6, ls=":")
+    ax.set_xticks([0, 0.5, 1, 1.5, 2], ["forward starts", "", "backward starts", "", "step ends"])
+    ax.set_xlabel("one training step: each curve's forward ops spread over 0..1, its backward "
+                  "ops over 1..2")
+    ax.set_ylabel("live MiB (parameters and inputs excluded)")
+    top = max([c.peak_bytes for c in timeline.curves] + [timeline.budget_bytes or 0])
+    ax.set_ylim(0, max(top, 1) / mib * 1.3)
+    ax.set_title(title or "memory through one training step")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.subplots_adjust(left=0.07, right=0.98, top=0.93, bottom=0.1 + 0.035 * len(captions))
+    for j, (text, color) in enumerate(captions):
+        fig.text(0.07, 0.015 + 0.03 * (len(captions) - 1 - j), text, fontsize=8, color=color)
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
