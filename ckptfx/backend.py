@@ -245,12 +245,13 @@ def ckpt_backend(gm, example_inputs, options: dict[str, Any] | None = None, **kw
         raise ConfigError(f"mode={kwargs['mode']!r} is not supported by backend 'ckpt'; "
                           f"pass options={{...}} instead (see RematConfig)")
     config = RematConfig.from_options(options)
-    backend = _SHARED.get(config.cache_key())
-    if backend is None:
-        backend = _SHARED[config.cache_key()] = CkptBackend(config)
-    return backend(gm, example_inputs)
+    entry = _SHARED.get(id(options))
+    if entry is None or entry[0] is not options:
+        entry = _SHARED[id(options)] = (options, CkptBackend(config))
+    return entry[1](gm, example_inputs)
 
 
-# backend="ckpt": one CkptBackend per option set in this process, so the graphs of a model
-# compiled with the same options share one byte budget (Note [One byte budget per model]).
-_SHARED: dict[str, CkptBackend] = {}
+# backend="ckpt": torch.compile passes the same ``options`` dict for every graph it makes of
+# one model, so the graphs of one torch.compile call share one CkptBackend and one byte
+# budget (Note [One byte budget per model]); the dict is held so its id stays unique.
+_SHARED: dict[int, tuple[Any, CkptBackend]] = {}

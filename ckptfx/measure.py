@@ -25,7 +25,8 @@ def saved_tensor_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = 
     Args:
         fn: runs a forward pass (returns e.g. the loss); the graph must stay alive until the
             caller's backward, so keep the returned value.
-        exclude: tensors whose storages are not counted (the model's parameters).
+        exclude: tensors whose storages are not counted: the model's parameters and buffers,
+            which are alive anyway and which the plan counts as 0 bytes.
 
     Returns:
         (fn's result, bytes): bytes over unique storages (``untyped_storage().nbytes()``).

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import ckptfx
+from ckptfx.backend import ckpt_backend
 from ckptfx.errors import ConfigError, InfeasibleBudgetError
 from ckptfx.measure import saved_tensor_bytes
 
@@ -133,10 +134,14 @@ def test_a_recompiled_graph_replaces_its_entry():
     assert [r.budget_bytes for r in backend.reports] == [MIB, MIB]
 
 
-def test_string_backend_shares_the_budget_across_graphs():
+def test_string_backend_shares_the_budget_across_graphs_of_one_compile():
     options = {"inner": "eager", "memory_budget": "3.5MiB"}
-    measured = run(TwoGraphs(), lambda gm, inputs: ckptfx.backend.ckpt_backend(gm, inputs, options))
+    measured = run(TwoGraphs(), lambda gm, inputs: ckpt_backend(gm, inputs, options))
     assert measured <= 3.5 * MIB
+    # another torch.compile call (another options dict) has a budget of its own
+    other = dict(options)
+    alone = run(mlp(3), lambda gm, inputs: ckpt_backend(gm, inputs, other))
+    assert alone == run(mlp(3), ckptfx.CkptBackend(other))
 
 
 # ---- nothing silent -------------------------------------------------------------------------

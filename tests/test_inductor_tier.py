@@ -6,7 +6,7 @@ default inner compiler (Inductor), checking two things against the plan:
 * gradients within 1e-5 of eager's (relative, normwise: ``|a - b| / |b|``; element-wise
   maxima pick up Inductor's own reduction order, the same with torch.compile's default);
 * the bytes autograd really keeps for the backward (saved-tensor hooks over unique
-  storages, parameters excluded) within 2% of the plan's ``saved_bytes``, and within the
+  storages, parameters and buffers excluded: they are alive anyway) within 2% of the plan's ``saved_bytes``, and within the
   budget when there is one.
 
 Conv nets are where Inductor changes layouts (channels-last, padding): GroupNorm -> Conv (the
@@ -68,7 +68,8 @@ def measured_saved_bytes(model: nn.Module, backend, inputs) -> int:
     fn = torch.compile(m, backend=backend)
     args = inputs if isinstance(inputs, dict) else None
     out, nbytes = saved_tensor_bytes(
-        lambda: fn(**args) if args is not None else fn(*inputs), exclude=list(m.parameters()))
+        lambda: fn(**args) if args is not None else fn(*inputs),
+        exclude=[*m.parameters(), *m.buffers()])  # alive anyway; the plan counts them as 0
     del out
     return nbytes
 
@@ -198,6 +199,12 @@ def test_conv_nets_plan_is_what_runs(name, budget):
     cls, shape = CONV_NETS[name]
     options = {} if budget is None else {"memory_budget": budget}
     check_plan_is_what_runs(cls(), (torch.randn(*shape),), steps=2, **options)
+
+
+def test_batchnorm_in_eval_mode_saves_running_stats_for_free():
+    # eval-mode BatchNorm reads its running statistics in the backward: buffers, alive anyway
+    torch.manual_seed(0)
+    check_plan_is_what_runs(TinyResNet().eval(), (torch.randn(2, 3, 16, 16),), memory_budget=0.5)
 
 
 @pytest.mark.parametrize("name", ["unet", "resnet"])
