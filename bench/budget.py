@@ -61,7 +61,8 @@ def run_one(model_name: str, variant: str, budget: float | None, steps: int = 3)
 
     import torch
 
-    from ckptfx.measure import peak_rss_delta, release_large_blocks, saved_tensor_bytes
+    from ckptfx.measure import peak_rss_delta, release_large_blocks
+    from ckptfx.testing import saved_tensor_bytes
 
     release_large_blocks()
     model, ids = build(model_name)

@@ -32,7 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import ckptfx
-from ckptfx.measure import saved_tensor_bytes
+from ckptfx.testing import saved_tensor_bytes
 
 MIB = 2 ** 20
 

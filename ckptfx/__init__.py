@@ -31,13 +31,13 @@ _EXPORTS = {
     "InfeasibleBudgetError": "ckptfx.errors", "PlanValidationError": "ckptfx.errors",
     "UnsupportedGraphError": "ckptfx.errors",
     "JointGraph": "ckptfx.joint", "Role": "ckptfx.joint", "trace_joint": "ckptfx.joint",
-    "apply_plan": "ckptfx.passes.partition", "partition_fn": "ckptfx.passes.partition",
-    "Decision": "ckptfx.plan", "RematPlan": "ckptfx.plan",
-    "plan_remat": "ckptfx.planner",
+    "apply_plan": "ckptfx.pipeline", "partition_fn": "ckptfx.passes.partition",
+    "Action": "ckptfx.plan", "Decision": "ckptfx.plan", "RematPlan": "ckptfx.plan",
+    "plan_remat": "ckptfx.pipeline",
     "RematReport": "ckptfx.report",
     "capture_joints": "ckptfx.capture",
 }
-_SUBMODULES = ("errors", "policies", "passes", "capture", "timeline", "formula")
+_SUBMODULES = ("errors", "policies", "passes", "capture", "timeline", "formula", "testing")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 

@@ -1,7 +1,9 @@
 """The one module that touches PyTorch's private APIs.
 
-Everything ckptfx needs from ``torch._functorch``, ``torch._inductor``, ``torch._dynamo`` and
-``torch.fx.experimental`` goes through here, so a torch upgrade touches one file. Tested on
+Everything ckptfx needs from ``torch._functorch``, ``torch._inductor``, ``torch._dynamo``,
+``torch._ops``, ``torch.utils._pytree``, ``torch.fx.experimental`` and private attributes of
+ops and graphs (``_schema``, ``_codegen``) goes through here, so a torch upgrade touches one
+file; ``tests/test_architecture.py`` fails on a private reference anywhere else. Tested on
 torch 2.13; the lowest supported version is declared in pyproject.toml.
 
 Note [Reusing AOTAutograd's extractor]
@@ -20,6 +22,62 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as _pytree
+
+tree_map = _pytree.tree_map
+tree_leaves = _pytree.tree_leaves
+arg_tree_leaves = _pytree.arg_tree_leaves
+
+
+def is_op_overload(target: Any) -> bool:
+    """An ATen/custom op overload (``torch.ops.aten.mm.default``)."""
+    return isinstance(target, torch._ops.OpOverload)
+
+
+def is_higher_order_op(target: Any) -> bool:
+    return isinstance(target, torch._ops.HigherOrderOperator)
+
+
+def op_schema(target: Any):
+    """The ``torch._C.FunctionSchema`` of an op overload, or None for any other target."""
+    return getattr(target, "_schema", None)
+
+
+def graph_like(graph: fx.Graph) -> fx.Graph:
+    """An empty Graph with ``graph``'s code generator (its calling convention)."""
+    new = fx.Graph()
+    new._codegen = graph._codegen
+    return new
+
+
+def dispatch_mode_base():
+    """``TorchDispatchMode``: the base class of a mode that sees every ATen op call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    return TorchDispatchMode
+
+
+def op_name(func: Any) -> str:
+    """The short name of an op overload (``"mm"`` for ``aten::mm.default``)."""
+    return func._schema.name.split("::")[-1]
+
+
+def boxed_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose code takes a list of inputs and clears it (AOTAutograd's
+    boxed calling convention: each input dies after its last use)."""
+    from torch.fx.graph import _BoxedCodeGen
+
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    graph.set_codegen(_BoxedCodeGen())
+    return fx.GraphModule(gm, graph)
+
+
+def dynamo_reset() -> None:
+    """Clears Dynamo's compile caches (``torch._dynamo.reset``)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
 
 
 def partitioners():
@@ -36,8 +94,6 @@ def is_tangent(node: fx.Node) -> bool:
     return partitioners()._is_tangent(node)
 
 
-def is_fwd_seed_offset(node: fx.Node) -> bool:
-    return partitioners()._is_fwd_seed_offset(node)
 
 
 def is_bwd_seed_offset(node: fx.Node) -> bool:
@@ -57,8 +113,6 @@ def must_be_in_forward(node: fx.Node) -> bool:
 
 
 def is_sym_node(node: fx.Node) -> bool:
-    from torch.fx.experimental.sym_node import SymTypes  # noqa: F401  (public-ish)
-
     return partitioners().is_sym_node(node)
 
 
@@ -67,19 +121,11 @@ def is_opaque_node(node: fx.Node) -> bool:
     return bool(getattr(p, "is_opaque_node", lambda n: False)(node))
 
 
-def prepare_joint(joint_module: fx.GraphModule) -> None:
-    """Runs AOTAutograd's own pre-partition steps in place, as its min-cut partitioner does.
-
-    Duplicate pure ops are merged (``ckptfx.passes.cse``, PyTorch's partitioner runs its own
-    CSE here); collectives, effectful ops and the sources of backward mutations get
-    ``meta["recompute"] = MUST_SAVE``; checkpoint tags are normalised.
-    """
-    from ckptfx.passes.cse import merge_duplicates
-
+def normalise_recompute_tags(joint_module: fx.GraphModule) -> None:
+    """AOTAutograd's own tag steps, in place, as its min-cut partitioner runs them: checkpoint
+    tags are normalised; collectives, effectful ops and the sources of backward mutations get
+    ``meta["recompute"] = MUST_SAVE``. Part of ``ckptfx.passes.prepare.prepare_joint``."""
     p = partitioners()
-    joint_module.graph.eliminate_dead_code()
-    joint_module.recompile()
-    merge_duplicates(joint_module)
     if p.has_recomputable_ops(joint_module):
         p.cleanup_recompute_tags(joint_module, is_default_partition=False)
     p.force_save_collectives(joint_module)
@@ -110,8 +156,6 @@ def extract_fwd_bwd(
     )
 
 
-def raise_getitems(gm: fx.GraphModule) -> fx.GraphModule:
-    return partitioners().raise_getitems(gm)
 
 
 def torch_min_cut_partition(joint_module, joint_inputs, **kwargs):
@@ -184,16 +228,10 @@ def unbacked_upper_bounds(shape_env) -> dict[Any, int | None]:
     return bounds
 
 
-def checkpoint_policy_enum():
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    return CheckpointPolicy
 
 
 def shape_env_of(graph: fx.Graph):
     """The ShapeEnv of a graph's fake tensors / SymInts, or None for static graphs."""
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv  # noqa: F401
-
     for node in graph.nodes:
         val = node.meta.get("val")
         for v in val if isinstance(val, (list, tuple)) else [val]:

@@ -94,16 +94,16 @@ def capture_joints(module: torch.nn.Module, inputs: Any, *,
             eagerly, e.g. ``nn.LSTM`` without ``torch._dynamo.config.allow_rnn = True``, or
             nothing requires grad).
     """
-    import torch._dynamo
+    from ckptfx import _torch_compat as compat
 
     joints: list[Any] = []
-    torch._dynamo.reset()
+    compat.dynamo_reset()
     try:
         compiled = torch.compile(copy.deepcopy(module), backend=_capturing_backend(joints),
                                  dynamic=dynamic)
         (loss or default_loss)(call(compiled, inputs)).backward()
     finally:
-        torch._dynamo.reset()
+        compat.dynamo_reset()
     if not joints:
         raise UnsupportedGraphError(no_graph_message(module))
     return joints
@@ -126,9 +126,10 @@ def _capturing_backend(joints: list[Any]):
 
     from ckptfx import _torch_compat as compat
     from ckptfx.joint import JointGraph
+    from ckptfx.passes.prepare import prepare_joint
 
     def capture(gm, joint_inputs, *, num_fwd_outputs, **kwargs):
-        compat.prepare_joint(gm)
+        prepare_joint(gm)
         joints.append(JointGraph.from_partition_args(
             gm, joint_inputs, num_fwd_outputs=num_fwd_outputs,
             static_lifetime_input_indices=kwargs.get("static_lifetime_input_indices")))

@@ -205,7 +205,9 @@ def options_of(args) -> dict:
 
 
 def validate(args) -> None:
-    """Every check that needs no model: raises UsageError or ConfigError."""
+    """Every check that needs no model: raises UsageError or ConfigError. Leaves the
+    validated options on ``args.options`` and, for ``frontier``, the budgets on
+    ``args.budget_values`` (what :mod:`ckptfx.commands` runs with)."""
     from ckptfx.target import check_target
 
     if args.command in ("report", "frontier"):
@@ -219,7 +221,8 @@ def validate(args) -> None:
             raise UsageError(f"--budgets {args.budgets!r} has an empty item")
         for b in budgets:
             _cli_budget(b, "--budgets")
-    options_of(args)
+        args.budget_values = [budget_value(b) for b in budgets]
+    args.options = options_of(args)
 
 
 def main(argv: list[str] | None = None) -> int:

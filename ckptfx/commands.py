@@ -32,7 +32,6 @@ def _sizes(args):
 
 
 def demo(args) -> int:
-    from ckptfx.cli import options_of
     from ckptfx.demo import GPTConfig, format_table, run_demo
 
     s = _sizes(args)
@@ -40,7 +39,7 @@ def demo(args) -> int:
     cfg = GPTConfig(vocab=s.get("vocab", 4096), seq=s.get("seq", 128),
                     layers=s.get("layers", 4), width=width, heads=max(1, width // 64),
                     batch=s.get("batch", 8))
-    rows = run_demo(cfg, steps=args.steps, inner=args.inner, options=options_of(args))
+    rows = run_demo(cfg, steps=args.steps, inner=args.inner, options=args.options)
     print(format_table(rows))
     bad = [r.name for r in rows if not r.grads_match]
     if bad:
@@ -59,10 +58,15 @@ def capture(args) -> list[Any]:
     """
     from ckptfx.capture import capture_joints
     from ckptfx.errors import CkptfxError, UnsupportedGraphError
-    from ckptfx.target import build
+    from ckptfx.hf import build_hf
+    from ckptfx.target import build, check_target
 
     target = args.target or (None if args.hf else "gpt")
-    model, inputs = build(target, _sizes(args), hf=args.hf)
+    if args.hf:
+        check_target(target, args.hf)
+        model, inputs = build_hf(args.hf, _sizes(args))
+    else:
+        model, inputs = build(target, _sizes(args))
     name = target or f"--hf {args.hf}"
     _progress(f"capturing {name} with torch.compile"
               + (" (dynamic=True)" if args.dynamic else ""))
@@ -81,7 +85,7 @@ def capture(args) -> list[Any]:
 def plan_graph(joint, options: dict, graph_id: int, with_timeline: bool = True):
     """(report, plan) of one joint graph under ``options``, with its timeline."""
     from ckptfx.config import RematConfig
-    from ckptfx.passes.partition import partition_joint
+    from ckptfx.pipeline import partition_joint
     from ckptfx.timeline import memory_timeline
 
     config = RematConfig.from_options(options)
@@ -92,9 +96,7 @@ def plan_graph(joint, options: dict, graph_id: int, with_timeline: bool = True):
 
 
 def report(args) -> int:
-    from ckptfx.cli import options_of
-
-    options = options_of(args)
+    options = args.options
     joints = capture(args)
     reports = []
     for i, joint in enumerate(joints):
@@ -130,12 +132,11 @@ def _write_json(path: str, data: dict) -> None:
 
 
 def frontier(args) -> int:
-    from ckptfx.cli import budget_value, options_of
     from ckptfx.config import RematConfig
     from ckptfx.frontier import format_frontier, pareto, plot_frontier
 
-    options = {"solver": "budget", **options_of(args)}
-    budgets = [budget_value(b.strip()) for b in args.budgets.split(",")]
+    options = {"solver": "budget", **args.options}
+    budgets = args.budget_values
     joints = capture(args)
     results = []
     for i, joint in enumerate(joints):

@@ -19,8 +19,8 @@ import re
 from typing import Any
 
 from ckptfx.errors import ConfigError
+from ckptfx.solvers import registry
 
-SOLVERS = ("auto", "mincut", "budget", "greedy", "uniform")
 INNERS = ("inductor", "eager")
 BUDGET_KINDS = ("saved", "peak")
 COST_MODELS = ("roofline", "profile")
@@ -125,6 +125,12 @@ def parse_budget(value: Any) -> MemoryBudget | None:
     raise ConfigError(f"memory_budget={value!r} has type {type(value).__name__}; use {allowed}")
 
 
+def solver_names() -> tuple[str, ...]:
+    """The values ``solver=`` accepts: ``"auto"`` and every solver of
+    :mod:`ckptfx.solvers.registry`, built-in or registered with ``registry.register``."""
+    return ("auto", *registry.available())
+
+
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ConfigError(f"{name}={value!r} is not allowed; allowed values: {', '.join(allowed)}")
@@ -174,7 +180,7 @@ class RematConfig:
     def __post_init__(self) -> None:
         if self.budget_kind is not None:
             _choice("budget_kind", self.budget_kind, BUDGET_KINDS)
-        _choice("solver", self.solver, SOLVERS)
+        _choice("solver", self.solver, solver_names())
         _choice("inner", self.inner, INNERS)
         _choice("cost_model", self.cost_model, COST_MODELS)
         for flag in ("strict", "recompute_expensive"):

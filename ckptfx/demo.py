@@ -128,7 +128,7 @@ def run_demo(cfg: GPTConfig = GPTConfig(), steps: int = 3, inner: str = "inducto
     Gradients are compared on the last step (each variant takes the same SGD steps from the
     same initial weights, so the last step's gradients must agree).
     """
-    import torch._dynamo
+    from ckptfx import _torch_compat as compat
 
     release_large_blocks()
     torch.manual_seed(0)
@@ -139,7 +139,7 @@ def run_demo(cfg: GPTConfig = GPTConfig(), steps: int = 3, inner: str = "inducto
     variants = [("torch.compile (inductor)", "inductor"),
                 ("backend='ckpt'", _ckpt_backend(inner, options))]
     for name, backend in variants:
-        torch._dynamo.reset()
+        compat.dynamo_reset()
         row, grads = train(model, backend, ids, steps, name)
         compare(row, grads, ref, rtol)
         rows.append(row)

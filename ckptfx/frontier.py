@@ -54,8 +54,7 @@ def pareto(joint: JointGraph, budgets: Sequence[float | int | str] = DEFAULT_BUD
     Raises:
         ConfigError: a budget value is invalid.
     """
-    from ckptfx.passes.partition import apply_plan
-    from ckptfx.planner import plan_remat
+    from ckptfx.pipeline import apply_plan, plan_remat
 
     base = RematConfig.coerce(config) if config is not None else RematConfig(solver="budget")
     rows = []
@@ -89,7 +88,7 @@ def format_frontier(rows: Sequence[FrontierRow]) -> str:
 
 def plot_frontier(rows: Sequence[FrontierRow], path: str | None = None):
     """Predicted peak and saved bytes against extra FLOPs (matplotlib; returns the Figure)."""
-    from ckptfx.report import pyplot
+    from ckptfx.report_text import pyplot
 
     plt = pyplot()
     mib = 2 ** 20

@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
 from ckptfx import _torch_compat as compat
 
@@ -98,7 +97,7 @@ class JointGraph:
 
 def forward_outputs(graph: fx.Graph, num_fwd_outputs: int) -> list[Any]:
     out = graph.find_nodes(op="output")[0]
-    return pytree.arg_tree_leaves(*out.args)[:num_fwd_outputs]
+    return compat.arg_tree_leaves(*out.args)[:num_fwd_outputs]
 
 
 def _descendants(seeds: list[fx.Node]) -> set[fx.Node]:

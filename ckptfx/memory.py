@@ -25,7 +25,7 @@ Example:
     >>> joint = ckptfx.trace_joint(lambda x: x.sin().sin().sum(), x)
     >>> fw, bw, _ = ckptfx.apply_plan(joint, ckptfx.plan_remat(joint))
     >>> t = simulate(fw, bw)
-    >>> (t.peak_bytes, t.peak_graph, t.saved_bytes)  # x is a primal: kept, not counted
+    >>> (t.peak_bytes, t.peak_graph.value, t.saved_bytes)  # x is a primal: kept, not counted
     (49156, 'backward', 0)
 
 Note [Memory model]
@@ -54,6 +54,9 @@ Note [Memory model]
     * Sizes are the fake tensors' storage sizes (``meta["val"]``), falling back to
       ``numel * itemsize`` (:func:`ckptfx.analysis.sizes.tensor_bytes`); symbolic sizes are
       evaluated with :class:`SizeHints`. SymInts live on the host and count 0 bytes.
+    * A node whose op returns nothing (its schema has no returns: the ``_assert_scalar`` of
+      ``torch._check``) needs no ``meta["val"]``: it allocates 0 bytes. Any other node
+      without one makes the peak unknown (:func:`predict_peak` returns None).
 
     This is what executes when the inner compiler's code takes its inputs boxed and drops
     each value after its last use (Inductor, or FX code with the boxed calling convention):
@@ -66,6 +69,7 @@ Note [Memory model]
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import operator
 from collections import defaultdict
@@ -75,18 +79,26 @@ from typing import Any
 import sympy
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
 from ckptfx import _torch_compat as compat
+from ckptfx.analysis.nodes import storage_id
 from ckptfx.analysis.sizes import SizeHints, tensor_bytes
 from ckptfx.errors import UnsupportedGraphError
 
 log = logging.getLogger("ckptfx.memory")
 
-FORWARD = "forward"
-BACKWARD = "backward"
 
-_Key = tuple[str, str, int]  # (graph, allocating node, output index): one storage
+
+class Phase(enum.Enum):
+    """The graph of the step a simulated step runs in (not a node's Role, nor an Action)."""
+
+    FORWARD = "forward"
+    BACKWARD = "backward"
+
+
+FORWARD, BACKWARD = Phase.FORWARD, Phase.BACKWARD
+
+_Key = tuple[Phase, str, int]  # (graph, allocating node, output index): one storage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,12 +106,12 @@ class MemoryStep:
     """One step of the simulation.
 
     Attributes:
-        graph: ``"forward"`` or ``"backward"``.
+        graph: the Phase (``FORWARD`` or ``BACKWARD``).
         node: the node running (a ``call_function`` node, or a tangent placeholder).
         live_bytes: bytes live while it runs (its inputs and its new outputs), bytes.
     """
 
-    graph: str
+    graph: Phase
     node: str
     live_bytes: int
 
@@ -111,7 +123,7 @@ class MemoryTimeline:
     Attributes:
         steps: every step of the forward, then of the backward.
         peak_bytes: the largest ``live_bytes``, bytes (0 for graphs that allocate nothing).
-        peak_graph: the graph of the first step at the peak (``""`` without steps).
+        peak_graph: the Phase of the first step at the peak (None without steps).
         peak_node: the node of the first step at the peak (``""`` without steps).
         saved_bytes: bytes of the storages kept from the forward for the backward (saved
             tensors, counted once per storage; primals and SymInts count 0), bytes.
@@ -121,17 +133,17 @@ class MemoryTimeline:
 
     steps: tuple[MemoryStep, ...]
     peak_bytes: int
-    peak_graph: str
+    peak_graph: Phase | None
     peak_node: str
     saved_bytes: int
     boundary_bytes: int
 
-    def peak_of(self, graph: str) -> MemoryStep | None:
-        """The first step at the peak of ``graph`` (``"forward"``/``"backward"``), or None."""
+    def peak_of(self, graph: Phase) -> MemoryStep | None:
+        """The first step at the peak of ``graph``, or None."""
         steps = [s for s in self.steps if s.graph == graph]
         return max(steps, key=lambda s: s.live_bytes, default=None)
 
-    def live_at(self, graph: str, node: str) -> int:
+    def live_at(self, graph: Phase, node: str) -> int:
         """``live_bytes`` of the step running ``node`` in ``graph``.
 
         Raises:
@@ -140,7 +152,7 @@ class MemoryTimeline:
         for s in self.steps:
             if s.graph == graph and s.node == node:
                 return s.live_bytes
-        raise KeyError(f"no step runs {graph} node {node!r}")
+        raise KeyError(f"no step runs {graph.value} node {node!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,17 +183,13 @@ def _storage_nbytes(val: torch.Tensor, hints: SizeHints) -> int:
 
 
 def _same_storage(a: Any, b: Any) -> bool:
-    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-        return False
-    try:
-        return a.untyped_storage() is b.untyped_storage()
-    except (AttributeError, RuntimeError, NotImplementedError, TypeError):
-        return False
+    ida = storage_id(a)
+    return ida is not None and ida == storage_id(b)
 
 
 def _schema_sources(node: fx.Node, n_out: int) -> list[fx.Node | None]:
     """Per output, the argument it aliases according to the op schema, or None."""
-    schema = getattr(node.target, "_schema", None)
+    schema = compat.op_schema(node.target)
     if schema is None or not schema.returns:
         return [None] * n_out
     values = list(node.args) + [node.kwargs.get(a.name) for a in
@@ -210,7 +218,7 @@ def _alias_sources(node: fx.Node) -> list[fx.Node | None]:
     return sources
 
 
-def _call_refs(node: fx.Node, refs: Mapping[fx.Node, tuple[_Key | None, ...]], tag: str,
+def _call_refs(node: fx.Node, refs: Mapping[fx.Node, tuple[_Key | None, ...]], tag: Phase,
                hints: SizeHints, nbytes: dict[_Key, int]) -> tuple[tuple[_Key | None, ...],
                                                                   tuple[_Key, ...]]:
     """(storage per output, storages allocated) of one call_function node."""
@@ -234,13 +242,13 @@ def _call_refs(node: fx.Node, refs: Mapping[fx.Node, tuple[_Key | None, ...]], t
     return tuple(own), tuple(created)
 
 
-def _storages(gm: fx.GraphModule, tag: str, inputs: Mapping[str, tuple[_Key, ...]],
+def _storages(gm: fx.GraphModule, tag: Phase, inputs: Mapping[str, tuple[_Key, ...]],
               hints: SizeHints) -> _Storages:
     """Finds the storages of ``gm`` (see Note [Memory model]).
 
     Args:
         gm: the graph.
-        tag: ``"forward"`` or ``"backward"`` (names the storages it allocates).
+        tag: the Phase (names the storages it allocates).
         inputs: placeholder name -> storages it receives from the other graph (saved values).
             A tangent placeholder allocates a storage; any other is a resident input.
         hints: evaluates symbolic sizes.
@@ -290,7 +298,7 @@ def _lifetimes(gm: fx.GraphModule, st: _Storages) -> tuple[dict[_Key, int], set[
     return last, returned
 
 
-def _replay(gm: fx.GraphModule, tag: str, st: _Storages, nbytes: Mapping[_Key, int],
+def _replay(gm: fx.GraphModule, tag: Phase, st: _Storages, nbytes: Mapping[_Key, int],
             live: int, keep: set[_Key]) -> tuple[list[MemoryStep], int]:
     """Runs the liveness of one graph from ``live`` bytes; returns (steps, live at its end).
 
@@ -335,7 +343,7 @@ def saved_inputs(fw: fx.GraphModule, bw: fx.GraphModule) -> tuple[list[Any], dic
     Raises:
         UnsupportedGraphError: the two graphs do not follow that convention.
     """
-    outs = pytree.arg_tree_leaves(*fw.graph.find_nodes(op="output")[0].args)
+    outs = compat.arg_tree_leaves(*fw.graph.find_nodes(op="output")[0].args)
     saved = [p for p in bw.graph.find_nodes(op="placeholder") if _is_saved_input(p)]
     n_user = len(outs) - len(saved)
     tail = outs[max(n_user, 0):]
@@ -352,9 +360,16 @@ def saved_inputs(fw: fx.GraphModule, bw: fx.GraphModule) -> tuple[list[Any], dic
     return outs[:n_user], {p.name: x for p, x in zip(bw_order, fw_order)}
 
 
+def _returns_nothing(node: fx.Node) -> bool:
+    schema = compat.op_schema(node.target) if node.op == "call_function" else None
+    return schema is not None and not schema.returns
+
+
 def missing_vals(gm: fx.GraphModule) -> list[str]:
-    """Names of the nodes of ``gm`` without ``meta["val"]`` (the simulation needs them)."""
-    return [n.name for n in gm.graph.nodes if n.op != "output" and "val" not in n.meta]
+    """Names of the nodes of ``gm`` without ``meta["val"]`` that the simulation needs (an op
+    that returns nothing needs none; Note [Memory model])."""
+    return [n.name for n in gm.graph.nodes
+            if n.op != "output" and "val" not in n.meta and not _returns_nothing(n)]
 
 
 def _refs_of(nodes: list[Any], refs: Mapping[fx.Node, tuple[_Key | None, ...]]) -> set[_Key]:
@@ -385,7 +400,7 @@ def simulate(fw: fx.GraphModule, bw: fx.GraphModule,
         missing = missing_vals(gm)
         if missing:
             raise UnsupportedGraphError(
-                f"memory simulation: {name} nodes {missing[:5]} have no meta['val']; trace the "
+                f"memory simulation: {name.value} nodes {missing[:5]} have no meta['val']; trace the "
                 f"graphs with fake tensors (AOTAutograd, FakeTensorProp) before simulating")
     if hints is None:
         shape_env = compat.shape_env_of(fw.graph) or compat.shape_env_of(bw.graph)
@@ -397,26 +412,27 @@ def simulate(fw: fx.GraphModule, bw: fx.GraphModule,
     nbytes = {**fw_st.nbytes, **bw_st.nbytes}
     bw_steps, _ = _replay(bw, BACKWARD, bw_st, nbytes, boundary, _refs_of(user, fw_st.refs))
     steps = tuple(fw_steps + bw_steps)
-    peak = max(steps, key=lambda s: s.live_bytes, default=MemoryStep("", "", 0))
+    peak = max(steps, key=lambda s: s.live_bytes, default=None)
     kept = _refs_of(list(saved.values()), fw_st.refs)
     return MemoryTimeline(
-        steps=steps, peak_bytes=peak.live_bytes, peak_graph=peak.graph, peak_node=peak.node,
+        steps=steps, peak_bytes=peak.live_bytes if peak else 0,
+        peak_graph=peak.graph if peak else None, peak_node=peak.node if peak else "",
         saved_bytes=sum(nbytes[k] for k in kept), boundary_bytes=boundary)
 
 
-def predict_peak(fw: fx.GraphModule, bw: fx.GraphModule, joint: Any = None,
+def predict_peak(fw: fx.GraphModule, bw: fx.GraphModule,
                  hints: SizeHints | None = None) -> int | None:
     """The simulated peak bytes of one step (see :func:`simulate`), primals excluded.
 
     Args:
         fw: the forward GraphModule.
         bw: the backward GraphModule.
-        joint: the JointGraph they came from; supplies the size hints when ``hints`` is None
-            (``ckptfx.planner.size_hints(joint, RematConfig())``).
-        hints: values of size symbols; overrides ``joint``'s.
+        hints: values of size symbols (a plan's ``RematPlan.hints``); default: the graphs'
+            ShapeEnv hints, as :func:`simulate`.
 
     Returns:
-        Peak bytes, or None when a node of either graph lacks ``meta["val"]``.
+        Peak bytes, or None (unknown: the caller decides what that means, never 0) when a
+        node of either graph that returns a value lacks ``meta["val"]``.
 
     Raises:
         UnsupportedGraphError: the graphs do not pair up (see :func:`saved_inputs`).
@@ -424,11 +440,6 @@ def predict_peak(fw: fx.GraphModule, bw: fx.GraphModule, joint: Any = None,
     if missing_vals(fw) or missing_vals(bw):
         log.debug("ckptfx: no memory prediction: nodes without meta['val']")
         return None
-    if hints is None and joint is not None:
-        from ckptfx.config import RematConfig
-        from ckptfx.planner import size_hints
-
-        hints = size_hints(joint, RematConfig())
     return simulate(fw, bw, hints).peak_bytes
 
 

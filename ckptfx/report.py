@@ -173,6 +173,8 @@ class RematReport:
         Returns:
             The matplotlib Figure.
         """
+        from ckptfx.report_text import pyplot, short_module
+
         plt = pyplot()
 
         def group(items, key, value):
@@ -200,89 +202,32 @@ class RematReport:
         return fig
 
 
-def pyplot():
-    """matplotlib.pyplot on the Agg backend, or an ImportError that says how to install it."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise ImportError("plots need matplotlib: pip install 'ckptfx[plot]' "
-                          "(or pip install matplotlib)") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def short_module(path: str) -> str:
-    """A module path without Dynamo's root prefix (``L['self'].``, ``L['args'][0].``)."""
-    import re
-
-    return re.sub(r"^L\[[^\]]*\](\[\d+\])*\.?", "", path)
-
-
-def source_line(meta: dict) -> str:
-    """``file.py:line`` of the innermost user frame of a node's ``stack_trace`` ("" if none)."""
-    import re
-
-    frames = re.findall(r'File "([^"]+)", line (\d+)', meta.get("stack_trace") or "")
-    if not frames:
-        return ""
-    path, line = frames[-1]
-    return f"{path.rsplit('/', 1)[-1]}:{line}"
-
-
-def _names(nodes, limit: int = 3) -> str:
-    names = [n.name for n in nodes]
-    more = f" +{len(names) - limit}" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
-def _saved_detail(node, joint, facts) -> str:
-    from ckptfx.joint import Role
-
-    if facts.ban_reason and facts.ban_reason != "graph input":
-        return f"may not be recomputed: {facts.ban_reason}"
-    readers = [u for u in node.users if joint.roles.get(u.name) is Role.BACKWARD]
-    if facts.compute_intensive:
-        why = f"{facts.op_name} is compute-bound (recompute_expensive=False)"
-        return why + (f"; read by {_names(readers)}" if readers else "")
-    return f"read by {_names(readers)}" if readers else "inputs of recomputed ops"
-
-
-def _recomputed_detail(node) -> str:
-    return f"from {_names(node.all_input_nodes)}" if node.all_input_nodes else ""
-
-
-def build_report(graph_id: int, plan, table, plan_time_s: float,
+def build_report(graph_id: int, plan, plan_time_s: float,
                  predicted_peak: int | None = None, fallback: str = "", *,
                  joint=None, graphs=None) -> RematReport:
-    """Builds a RematReport from a RematPlan and the NodeTable it was planned on.
+    """Builds a RematReport from a RematPlan alone: its decisions carry the op, module path,
+    FLOPs, cost, source line and detail of every value (a hand-built decision without an op
+    shows the node's name).
 
     Args:
         graph_id: the graph's running number.
         plan: the RematPlan.
-        table: the NodeTable it was planned on.
         plan_time_s: seconds spent planning and rewriting.
         predicted_peak: the simulated peak, bytes.
         fallback: why the pass fell back ("" if it did not).
-        joint: the JointGraph: source lines and details per row (optional).
-        graphs: the emitted (fw, bw): with symbolic sizes, the formula (optional).
+        joint: the JointGraph: with ``graphs`` and symbolic sizes, the formula (optional).
+        graphs: the emitted (fw, bw) (optional).
     """
-    nodes = {n.name: n for n in joint.graph.nodes} if joint is not None else {}
+    def value(name: str, kind):
+        d = plan.decisions[name]
+        if kind is SavedValue:
+            return SavedValue(name, d.op or name, d.nbytes, d.module, d.reason, d.source,
+                              d.detail)
+        return RecomputedValue(name, d.op or name, d.flops, d.cost_s, d.module, d.reason,
+                               d.source, d.detail)
 
-    def extra(name, detail_fn):
-        node = nodes.get(name)
-        return (source_line(node.meta), detail_fn(node)) if node is not None else ("", "")
-
-    saved = tuple(
-        SavedValue(s, table[s].op_name, plan.decisions[s].nbytes, table[s].module_path,
-                   plan.decisions[s].reason,
-                   *extra(s, lambda n: _saved_detail(n, joint, table[s])))
-        for s in plan.saved)
-    recomputed = tuple(
-        RecomputedValue(r, table[r].op_name, table[r].flops, table[r].cost_s, table[r].module_path,
-                        plan.decisions[r].reason, *extra(r, _recomputed_detail))
-        for r in plan.recomputed)
+    saved = tuple(value(s, SavedValue) for s in plan.saved)
+    recomputed = tuple(value(r, RecomputedValue) for r in plan.recomputed)
     return RematReport(
         graph_id=graph_id, solver=plan.solver, saved=saved, recomputed=recomputed,
         saved_bytes_no_remat=plan.no_remat_bytes, saved_bytes=plan.saved_bytes,
@@ -290,11 +235,11 @@ def build_report(graph_id: int, plan, table, plan_time_s: float,
         extra_cost_s=sum(r.cost_s for r in recomputed), solve_time_s=plan.solve_time_s,
         plan_time_s=plan_time_s, objective=plan.objective, lower_bound=plan.lower_bound,
         predicted_peak_bytes=predicted_peak, feasible=plan.feasible, fallback=fallback,
-        notes=plan.notes + _module_note(table), formula=_formula(joint, graphs, table.hints))
+        notes=plan.notes + _module_note(plan), formula=_formula(joint, graphs, plan.hints))
 
 
-def _module_note(table) -> tuple[str, ...]:
-    if any(r.module_path for r in table.rows):
+def _module_note(plan) -> tuple[str, ...]:
+    if any(d.module for d in plan.decisions.values()):
         return ()
     return ("the graph carries no module paths (traced without Dynamo): module-based "
             "policies (uniform, megatron_selective, save_modules) cannot act on it; "

@@ -2,7 +2,8 @@
 row per saved or recomputed value with its module, source line and reason.
 
 Saved values of 0 bytes (parameters, sizes: kept anyway) are folded into one line; the
-largest rows come first, up to :data:`MAX_ROWS` of each kind.
+largest rows come first, up to :data:`MAX_ROWS` of each kind. Also the helpers the report,
+the timeline and the frontier share: :func:`short_module`, :func:`pyplot`.
 """
 
 from __future__ import annotations
@@ -54,8 +55,6 @@ def _header(r) -> list[str]:
 
 
 def _saved_rows(r) -> list[str]:
-    from ckptfx.report import short_module
-
     rows = [s for s in r.saved if s.nbytes > 0]
     zero = [s for s in r.saved if s.nbytes <= 0]
     lines = []
@@ -77,8 +76,6 @@ def _saved_rows(r) -> list[str]:
 
 
 def _recomputed_rows(r) -> list[str]:
-    from ckptfx.report import short_module
-
     if not r.recomputed:
         return []
     lines = [f"  {'recomputed':<22}{'op':<24}{'module':<26}{'MFLOP':>9}  {'source':<24}reason"]
@@ -95,3 +92,23 @@ def _recomputed_rows(r) -> list[str]:
 def render(report) -> str:
     """The report as text (see the module docstring)."""
     return "\n".join(_header(report) + _saved_rows(report) + _recomputed_rows(report))
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or an ImportError that says how to install it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'ckptfx[plot]' "
+                          "(or pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def short_module(path: str) -> str:
+    """A module path without Dynamo's root prefix (``L['self'].``, ``L['args'][0].``)."""
+    import re
+
+    return re.sub(r"^L\[[^\]]*\](\[\d+\])*\.?", "", path)

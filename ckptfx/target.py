@@ -82,12 +82,13 @@ def check_target(target: str | None, hf: str | None) -> None:
 
 
 def build(target: str | None, sizes: Sizes = Sizes(), hf: str | None = None) -> tuple[Any, Any]:
-    """Builds (model, example_inputs) for a target.
+    """Builds (model, example_inputs) for a target; a transformers type (``hf``) is
+    :func:`ckptfx.hf.build_hf`'s, which the caller runs (hf builds on this module).
 
     Args:
         target: a built-in name or ``package.module:factory``; None with ``hf``.
         sizes: size options; a factory gets the ones given as keyword arguments.
-        hf: a transformers model type (``llama``, ``qwen2``, ``gpt2``, ...).
+        hf: a transformers model type (``llama``, ``qwen2``, ``gpt2``, ...): checked here.
 
     Returns:
         (an nn.Module, its example inputs).
@@ -98,9 +99,7 @@ def build(target: str | None, sizes: Sizes = Sizes(), hf: str | None = None) -> 
     """
     check_target(target, hf)
     if hf:
-        from ckptfx.hf import build_hf
-
-        return build_hf(hf, sizes)
+        raise TargetError(f"--hf {hf!r}: build it with ckptfx.hf.build_hf")
     if target == "gpt":
         return _builtin_gpt(sizes)
     return _call_factory(target, sizes)

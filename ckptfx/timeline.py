@@ -97,11 +97,11 @@ def curve_of(name: str, fw, bw, hints=None, meta: dict[str, dict] | None = None)
         hints: size hints for symbolic sizes.
         meta: joint-graph node name -> its ``meta`` (module paths for the peak label).
     """
-    from ckptfx.memory import storage_timeline
+    from ckptfx.memory import FORWARD, storage_timeline
 
     st = storage_timeline(fw, bw, hints)
     live = tuple(s.live_bytes for s in st.steps)
-    n_fw = sum(1 for s in st.steps if s.graph == "forward")
+    n_fw = sum(1 for s in st.steps if s.graph is FORWARD)
     idx = max(range(len(live)), key=live.__getitem__, default=0)
     label = peak_label(st, idx, meta or {}) if live else ""
     return Curve(name, live, n_fw, live[idx] if live else 0, idx, label, st.saved_bytes)
@@ -111,16 +111,17 @@ def peak_label(st, idx: int, meta: dict[str, dict]) -> str:
     """A few words on what is live at step ``idx``: the graph and op running, how many
     tensors (how many kept from the forward, how many are gradients), and the largest of
     them with its module."""
-    from ckptfx.report import short_module
+    from ckptfx.memory import BACKWARD, FORWARD
+    from ckptfx.report_text import short_module
 
     step = st.steps[idx]
     live = [k for k in st.live[idx] if st.nbytes[k] > 0]
-    saved = [k for k in live if k[0] == "forward"] if step.graph == "backward" else []
+    saved = [k for k in live if k[0] is FORWARD] if step.graph is BACKWARD else []
     largest = max(live, key=lambda k: st.nbytes[k], default=None)
     n_grads = sum(1 for k in live if k in st.gradients)
     kinds = [f"{len(saved)} from the forward"] if saved else []
     kinds += [f"{n_grads} gradients"] if n_grads else []
-    words = f"{step.graph} at {step.node}: {len(live)} tensors"
+    words = f"{step.graph.value} at {step.node}: {len(live)} tensors"
     if kinds:
         words += f" ({', '.join(kinds)})"
     if largest is not None:
@@ -142,14 +143,15 @@ def _module_path(meta: dict) -> str:
 def no_recompute_graphs(joint, config=None):
     """(fw, bw) of the plan that recomputes nothing: it saves every forward value the
     backward reads."""
-    from ckptfx.passes.rewrite import apply_plan
-    from ckptfx.planner import plan, to_plan
+    from ckptfx.config import RematConfig
+    from ckptfx.passes.rewrite import rewrite
+    from ckptfx.planner import prepare, to_plan
     from ckptfx.solvers.base import Solution, least_recompute_saved, saved_bytes
 
-    problem = plan(joint, config).problem
+    problem = prepare(joint, RematConfig.coerce(config)).problem
     full = least_recompute_saved(problem)
     remat = to_plan(problem, Solution(full), "no-recompute", 0.0, saved_bytes(problem, full))
-    return apply_plan(joint, remat)
+    return rewrite(joint, remat)
 
 
 def torch_graphs(joint):
@@ -187,13 +189,13 @@ def memory_timeline(joint, plan, config=None, graphs: Sequence[Any] | None = Non
         UnsupportedGraphError: the emitted graphs cannot be simulated.
     """
     from ckptfx.config import RematConfig
-    from ckptfx.passes.rewrite import apply_plan
+    from ckptfx.passes.rewrite import rewrite
     from ckptfx.planner import size_hints
 
     config = RematConfig.coerce(config)
-    hints = size_hints(joint, config)
+    hints = plan.hints if plan.hints is not None else size_hints(joint, config)
     meta = {n.name: n.meta for n in joint.graph.nodes}
-    fw, bw = graphs if graphs is not None else apply_plan(joint, plan)
+    fw, bw = graphs if graphs is not None else rewrite(joint, plan)
     curves = [curve_of(THIS_PLAN, fw, bw, hints, meta),
               curve_of(NO_RECOMPUTE, *no_recompute_graphs(joint, config), hints, meta)]
     theirs = torch_graphs(joint)
@@ -235,7 +237,7 @@ def plot_timeline(timeline: Timeline, path: str | None = None, title: str = ""):
     Returns:
         The matplotlib Figure.
     """
-    from ckptfx.report import pyplot
+    from ckptfx.report_text import pyplot
 
     plt = pyplot()
     mib = 2 ** 20

@@ -1,13 +1,14 @@
-"""Shared helpers: run a function or module through ckptfx's partitioner and through eager."""
+"""Shared helpers: run a function or module through ckptfx's partitioner and through eager
+(:mod:`ckptfx.testing` holds the general ones; ``assert_bitwise`` is its tensor comparison)."""
 
 from __future__ import annotations
 
-import copy
 
 import pytest
-import torch
 
 import ckptfx
+from ckptfx.testing import assert_same_tensors as assert_bitwise  # noqa: F401
+from ckptfx.testing import grads_of, train
 
 
 @pytest.fixture(autouse=True)
@@ -22,16 +23,6 @@ def _fresh_dynamo():
             functorch_config.patch(enable_autograd_cache=False):
         yield
     torch._dynamo.reset()
-
-
-def grads_of(fn, inputs, params=()):
-    """Runs fn(*inputs).sum().backward() on fresh leaf copies; returns (output, grads)."""
-    leaves = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
-    out = fn(*leaves)
-    loss = out if out.dim() == 0 else out.sum()
-    loss.backward()
-    grads = [x.grad for x in leaves if x.requires_grad] + [p.grad for p in params]
-    return out.detach(), grads
 
 
 def run_partitioned(fn, inputs, config=None):
@@ -54,19 +45,7 @@ def run_partitioned(fn, inputs, config=None):
 
 
 def run_module(module, inputs, backend):
-    """A deep copy of ``module`` compiled with ``backend``; returns (loss, param grads)."""
-    m = copy.deepcopy(module)
-    compiled = torch.compile(m, backend=backend)
-    out = compiled(*inputs)
-    loss = out if out.dim() == 0 else out.float().pow(2).mean()
-    loss.backward()
-    return loss.detach(), [p.grad for p in m.parameters()]
-
-
-def assert_bitwise(a_list, b_list):
-    assert len(a_list) == len(b_list)
-    for a, b in zip(a_list, b_list):
-        if a is None or b is None:
-            assert a is None and b is None
-            continue
-        assert torch.equal(a, b), (a - b).abs().max()
+    """One step of a deep copy of ``module`` compiled with ``backend`` (None: eager);
+    returns (loss, param grads)."""
+    (step,) = train(module, backend, tuple(inputs))
+    return step.loss, step.grads

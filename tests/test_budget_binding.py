@@ -20,7 +20,7 @@ from torch import nn
 import ckptfx
 from ckptfx.backend import ckpt_backend
 from ckptfx.errors import ConfigError, InfeasibleBudgetError
-from ckptfx.measure import saved_tensor_bytes
+from ckptfx.testing import saved_tensor_bytes
 
 from robust_util import warnings_of
 

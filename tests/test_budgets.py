@@ -10,6 +10,7 @@ import torch
 import ckptfx
 from ckptfx import InfeasibleBudgetError, RematConfig
 
+from ckptfx.testing import ops_of
 from conftest import assert_bitwise, grads_of, run_partitioned
 
 KIB = 1024
@@ -46,7 +47,7 @@ def test_fraction_zero_is_least_achievable():
     least = ckptfx.plan_remat(joint, RematConfig.from_options({"memory_budget": 0.0}))
     assert least.feasible
     # only the three inputs: everything else, matmuls included, is recomputed from them
-    assert least.saved == ("primals_1", "primals_2", "primals_3")
+    assert ops_of(least, least.saved) == ("primal",) * 3
     assert least.saved_bytes == 3 * 64 * KIB
     for b in (1.0, 0.7, 0.5):
         other = ckptfx.plan_remat(joint, RematConfig.from_options({"memory_budget": b}))
@@ -139,37 +140,6 @@ def test_greedy_solver_through_the_pipeline():
     _, ref = grads_of(mlp, inputs)
     _, got, _ = run_partitioned(mlp, inputs, config)
     assert_bitwise(got, ref)
-
-
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
-
-@settings(deadline=None, max_examples=8, derandomize=True)
-@given(layers=st.integers(1, 3), width=st.sampled_from([32, 64, 128]),
-       acts=st.lists(st.sampled_from(["tanh", "exp", "sin", "relu"]), min_size=3, max_size=3))
-def test_peak_budgets_on_random_mlps(layers, width, acts):
-    torch.manual_seed(0)
-    ws = [torch.randn(width, width, requires_grad=True) * 0.1 for _ in range(layers)]
-    x = torch.randn(256, width, requires_grad=True)
-
-    def f(x, *ws):
-        h = x
-        for i, w in enumerate(ws):
-            h = getattr(torch, acts[i % 3])(h @ w)
-        return h.sum()
-
-    joint = ckptfx.trace_joint(f, x, *ws)
-    least = ckptfx.plan_remat(joint, RematConfig.from_options(
-        {"memory_budget": 0.0, "budget_kind": "peak"}))
-    assert least.feasible  # the least peak is always achievable
-    for fraction in (1.0, 0.9, 0.7, 0.5):
-        plan = ckptfx.plan_remat(joint, RematConfig.from_options(
-            {"memory_budget": fraction, "budget_kind": "peak"}))
-        if plan.feasible:
-            assert plan.predicted_peak_bytes <= plan.budget_bytes
-        else:
-            assert plan.budget_bytes < least.predicted_peak_bytes
-        assert least.predicted_peak_bytes <= plan.predicted_peak_bytes
 
 
 def test_peak_search_keeps_to_the_time_limit():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -86,7 +87,7 @@ def test_config_is_frozen_hashable_and_keyed():
     b = RematConfig.from_options({"memory_budget": 0.5, "inner": "eager"})
     assert a == b and hash(a) == hash(b) and a.cache_key() == b.cache_key()
     assert a.cache_key() != RematConfig.from_options({"memory_budget": 0.4}).cache_key()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         a.inner = "inductor"
 
 
@@ -103,3 +104,27 @@ def test_coerce_accepts_dicts_and_rejects_others():
         RematConfig.coerce("eager")
     with pytest.raises(ConfigError, match="memory_budjet"):
         RematConfig.coerce({"memory_budjet": 0.5})
+
+
+def test_a_registered_solver_is_selectable_by_name(monkeypatch):
+    import torch
+
+    import ckptfx
+    from ckptfx.solvers import registry
+    from ckptfx.solvers.mincut import MinCutSolver
+
+    seen = []
+
+    class Recording(MinCutSolver):
+        def solve(self, problem):
+            seen.append(len(problem.nodes))
+            return super().solve(problem)
+
+    monkeypatch.setattr(registry, "_REGISTERED", {})
+    with pytest.raises(ConfigError, match="recording"):
+        RematConfig(solver="recording")
+    registry.register("recording", Recording)
+    assert "recording" in ckptfx.config.solver_names()
+    joint = ckptfx.trace_joint(lambda x: x.sin().cos().sum(), torch.randn(8, 8, requires_grad=True))
+    plan = ckptfx.plan_remat(joint, {"solver": "recording"})
+    assert plan.solver == "recording" and seen

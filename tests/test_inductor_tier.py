@@ -23,9 +23,8 @@ import torch
 from torch import nn
 
 import ckptfx
-from ckptfx.measure import saved_tensor_bytes
+from ckptfx.testing import saved_tensor_bytes, train
 
-from robust_util import train
 
 pytestmark = pytest.mark.inductor
 

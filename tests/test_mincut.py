@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from ckptfx import UnsupportedGraphError
-from ckptfx.solvers.base import ProblemNode as N, SolveProblem, needed_closure
+from ckptfx import ConfigError, UnsupportedGraphError
+from ckptfx.solvers.base import Force, ProblemNode as N, SolveProblem, needed_closure
 from ckptfx.solvers.mincut import MinCutSolver
 
 
@@ -35,7 +35,7 @@ CASES = {
                    N("z", 4, 1, ("mm",), needed_by_backward=True)), ("mm",)),
     # MUST_SAVE: never recomputed, so saved although recomputing it from x is cheaper
     "must_save": ((N("x", 4, 0, is_input=True),
-                   N("a", 64, 1, ("x",), needed_by_backward=True, force="save",
+                   N("a", 64, 1, ("x",), needed_by_backward=True, force=Force.SAVE,
                      reason="save_ops"),
                    N("b", 4, 1, ("a",), needed_by_backward=True)), ("a",)),
     # a tuple cannot be saved: its getitems are
@@ -73,7 +73,7 @@ def test_prefer_is_soft():
 def test_impossible_cut_explains_itself_as_a_path():
     nodes = (N("x", 4, 0, is_input=True),
              N("t", 8, 1, ("x",), can_save=False, can_recompute=False, reason="random op"),
-             N("g", 4, 0, ("t",), needed_by_backward=True, force="recompute",
+             N("g", 4, 0, ("t",), needed_by_backward=True, force=Force.RECOMPUTE,
                reason="recompute_ops: getitem"))
     with pytest.raises(UnsupportedGraphError) as info:
         _solve(*nodes)
@@ -82,3 +82,8 @@ def test_impossible_cut_explains_itself_as_a_path():
     for step in ("t.in (random op)", "t.out -> g.in (data dependency)",
                  "g.in -> g.out (recompute_ops: getitem)", "g.out -> __sink__ (read by the backward)"):
         assert step in msg, msg
+
+
+def test_force_is_an_enum_not_a_string():
+    with pytest.raises(ConfigError, match="Force"):
+        N("a", 4, 1.0, force="save")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
 import ckptfx
-from ckptfx.measure import saved_tensor_bytes
+from ckptfx.testing import train
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,18 +30,9 @@ def _ids():
 
 def train_steps(model, backend, ids, steps):
     """SGD steps; returns per-step (loss, grads, saved bytes)."""
-    model = copy.deepcopy(model)
-    fn = torch.compile(model, backend=backend) if backend is not None else model
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    params = list(model.parameters())
-    out = []
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        loss, saved = saved_tensor_bytes(lambda: fn(input_ids=ids, labels=ids).loss, exclude=params)
-        loss.backward()
-        out.append((loss.detach(), [p.grad.clone() for p in params], saved))
-        opt.step()
-    return out
+    runs = train(model, backend, {"input_ids": ids, "labels": ids}, steps=steps, lr=1e-3,
+                 meter_saved=True)
+    return [(s.loss, s.grads, s.saved_bytes) for s in runs]
 
 
 def max_rel_err(grads, ref):

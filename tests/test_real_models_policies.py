@@ -4,14 +4,13 @@ a model checkpointed per block (transformers' gradient_checkpointing_enable) com
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
 import ckptfx
-from ckptfx.measure import saved_tensor_bytes
-from ckptfx.planner import plan
+from ckptfx.testing import train
+from ckptfx.pipeline import plan
 
 from ckptfx.capture import dynamo_joints
 
@@ -59,17 +58,15 @@ def _ids(vocab=VOCAB):
 
 def train_step(model, backend, ids, checkpointed=False):
     """(loss, grads, saved bytes, reports) of one step on a deep copy."""
-    model = copy.deepcopy(model)
-    if checkpointed:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    def checkpointing(m):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     torch._dynamo.reset()
-    fn = torch.compile(model, backend=backend) if backend is not None else model
-    params = list(model.parameters())
-    loss, saved = saved_tensor_bytes(lambda: fn(input_ids=ids, labels=ids).loss, exclude=params)
-    loss.backward()
+    (step,) = train(model, backend, {"input_ids": ids, "labels": ids}, meter_saved=True,
+                    prepare=checkpointing if checkpointed else None)
     reports = getattr(backend, "reports", [])
     assert not any(r.fallback for r in reports), [r.fallback for r in reports]
-    return loss.detach(), [p.grad for p in params], saved, reports
+    return step.loss, step.grads, step.saved_bytes, reports
 
 
 def max_rel_err(grads, ref):

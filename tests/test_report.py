@@ -12,7 +12,7 @@ import torch
 import ckptfx
 import toy_models
 from ckptfx.capture import capture_joints
-from ckptfx.measure import saved_tensor_bytes
+from ckptfx.testing import saved_tensor_bytes
 from ckptfx.memory import simulate
 from ckptfx.timeline import NO_RECOMPUTE, THIS_PLAN, TORCH, memory_timeline, no_recompute_graphs
 

@@ -1,25 +1,22 @@
 """Budget (MILP) and greedy solvers on hand-built SolveProblems: tables and properties.
 
-Pure data: no torch graphs. Tables assert exact saved sets and objectives; hypothesis checks
-validity, feasibility, optimality against brute force and monotonicity on random small DAGs.
+Pure data: no torch graphs. Tables assert exact saved sets and objectives; the properties on
+random small DAGs (hypothesis) are in tests/test_properties.py.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
-import itertools
 import pathlib
 import random
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from ckptfx.errors import UnsupportedGraphError
 from ckptfx.solvers import budget as budget_mod
 from ckptfx.solvers import registry
-from ckptfx.solvers.base import ProblemNode, SolveProblem, needed_closure, saved_bytes
+from ckptfx.solvers.base import Force, ProblemNode, SolveProblem, needed_closure, saved_bytes
 from ckptfx.solvers.budget import BudgetSolver
 from ckptfx.solvers.knapsack import GreedySolver, penalised_cost
 
@@ -84,8 +81,8 @@ BUDGET_CASES = [
     ("banned-none", banned(None), ("y",), 0.0, True),
     ("banned-80", banned(80), ("r",), 1.0, True),
     ("banned-50-infeasible", banned(50), ("r",), 1.0, False),
-    ("force-save", chain(150, b={"force": "save"}), ("x", "b"), 4.0, True),
-    ("force-recompute", chain(None, a={"force": "recompute"}), ("x", "b", "c"), 1.0, True),
+    ("force-save", chain(150, b={"force": Force.SAVE}), ("x", "b"), 4.0, True),
+    ("force-recompute", chain(None, a={"force": Force.RECOMPUTE}), ("x", "b", "c"), 1.0, True),
     ("prefer-save", chain(200, b={"prefer": 5.0}), ("a", "b"), 3.0, True),
     ("prefer-recompute", chain(None, c={"prefer": -10.0}), ("a", "b"), 3.0, True),
 ]
@@ -100,8 +97,8 @@ GREEDY_CASES = [
     ("view-tie-break", view_pair(None), ("a",), 0.0, True),
     ("banned-80", banned(80), ("r",), 1.0, True),
     ("banned-50-infeasible", banned(50), ("r",), 1.0, False),
-    ("force-save", chain(150, b={"force": "save"}), ("x", "b"), 4.0, True),
-    ("force-recompute", chain(None, a={"force": "recompute"}), ("x", "b", "c"), 1.0, True),
+    ("force-save", chain(150, b={"force": Force.SAVE}), ("x", "b"), 4.0, True),
+    ("force-recompute", chain(None, a={"force": Force.RECOMPUTE}), ("x", "b", "c"), 1.0, True),
 ]
 
 
@@ -251,118 +248,3 @@ def test_large_sizes_and_small_costs():
         assert exact.feasible == greedy.feasible
         assert penalised_cost(problem, exact.saved) <= penalised_cost(problem, greedy.saved) + 1e-12
         assert exact.lower_bound <= exact.objective
-
-
-# --- properties on random small DAGs ----------------------------------------------------------
-
-KINDS = ["plain"] * 6 + ["no_recompute", "no_save", "force_save", "force_recompute"]
-KIND_FLAGS = {
-    "plain": {},
-    "no_recompute": {"can_recompute": False, "reason": "random op"},
-    "no_save": {"can_save": False, "reason": "tuple"},
-    "force_save": {"force": "save", "reason": "MUST_SAVE"},
-    "force_recompute": {"force": "recompute", "reason": "MUST_RECOMPUTE"},
-}
-
-
-@st.composite
-def small_problems(draw, max_nodes=10):
-    """Random DAGs that always admit a valid plan: every primal may be saved, and every other
-    node may be saved or computed in the backward (never banned from both)."""
-    n = draw(st.integers(1, max_nodes))
-    n_inputs = draw(st.integers(1, min(3, n)))
-    nodes: list[ProblemNode] = []
-    for i in range(n):
-        nbytes = draw(st.sampled_from([0, 1, 4, 10, 25, 50, 100]))
-        needed = draw(st.booleans())
-        if i < n_inputs:
-            nodes.append(node(f"n{i}", nbytes, is_input=True, needed_by_backward=needed))
-            continue
-        ins = draw(st.lists(st.integers(0, i - 1), min_size=1, max_size=3, unique=True))
-        in_forward = all(nodes[j].in_forward for j in ins) and draw(st.integers(0, 5)) > 0
-        cost = float(draw(st.integers(0, 10))) if in_forward else 0.0
-        prefer = draw(st.sampled_from([0.0] * 5 + [-3.0, 2.0, 5.0]))
-        nodes.append(node(f"n{i}", nbytes, cost, [f"n{j}" for j in ins], in_forward=in_forward,
-                          needed_by_backward=needed, prefer=prefer,
-                          **KIND_FLAGS[draw(st.sampled_from(KINDS))]))
-    return SolveProblem(tuple(nodes))
-
-
-def brute_force(problem):
-    """(bytes, penalised cost, saved) of every valid saved set (the MILP's rule: nodes forced
-    to be recomputed are never saved, not even backward-native ones)."""
-    names = [n.name for n in problem.nodes]
-    forced = {n.name for n in problem.nodes if n.force == "recompute"}
-    plans = []
-    for k in range(len(names) + 1):
-        for subset in itertools.combinations(names, k):
-            saved = set(subset)
-            if saved & forced or needed_closure(problem, saved)[1]:
-                continue
-            plans.append((saved_bytes(problem, saved), penalised_cost(problem, saved), subset))
-    return plans
-
-
-def optimum(plans, budget):
-    """(least penalised cost, least bytes at that cost) within budget, or None."""
-    fits = [(c, b) for b, c, _ in plans if budget is None or b <= budget]
-    return min(fits, key=lambda cb: (round(cb[0], 9), cb[1])) if fits else None
-
-
-PROPS = settings(deadline=None, max_examples=40, derandomize=True,
-                 suppress_health_check=[HealthCheck.too_slow])
-
-
-@PROPS
-@given(small_problems(max_nodes=12), st.sampled_from([None, 0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0]))
-def test_plans_valid_and_within_budget(problem, fraction):
-    total = sum(n.nbytes for n in problem.nodes)
-    budget = None if fraction is None else int(fraction * total)
-    problem = dataclasses.replace(problem, budget_bytes=budget)
-    exact, greedy = BudgetSolver().solve(problem), GreedySolver().solve(problem)
-    for sol in (exact, greedy):  # (a), (b) first half
-        assert_valid(problem, sol)
-    assert exact.feasible == greedy.feasible
-    # (c) the exact solver is never worse than the heuristic at the same budget
-    assert penalised_cost(problem, exact.saved) <= penalised_cost(problem, greedy.saved) + 1e-9
-
-
-@PROPS
-@given(small_problems(max_nodes=9), st.data())
-def test_matches_brute_force(problem, data):
-    plans = brute_force(problem)
-    floor = min(b for b, _, _ in plans)
-    budgets = sorted({b for b, _, _ in plans} | {max(floor - 1, 0)})
-    budget = data.draw(st.sampled_from([None, *budgets]))
-    problem = dataclasses.replace(problem, budget_bytes=budget)
-    best = optimum(plans, budget)
-    for solver in (BudgetSolver(), GreedySolver()):  # (b) feasible iff a plan fits
-        sol = solver.solve(problem)
-        assert sol.feasible == (best is not None), solver.name
-        if best is None:
-            assert saved_bytes(problem, sol.saved) == floor
-    exact = BudgetSolver().solve(problem)
-    target = best or optimum(plans, floor)
-    cost = penalised_cost(problem, exact.saved)  # (d) optimal, then fewest bytes
-    assert cost == pytest.approx(target[0], abs=1e-9)
-    assert saved_bytes(problem, exact.saved) == target[1]
-
-
-@settings(deadline=None, max_examples=25, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
-@given(small_problems(max_nodes=12))
-def test_monotone_in_budget(problem):
-    floor = saved_bytes(problem, GreedySolver().solve(
-        dataclasses.replace(problem, budget_bytes=0)).saved)
-    top = saved_bytes(problem, BudgetSolver().solve(problem).saved)
-    budgets = sorted({top, floor, max(floor - 1, 0), (top + floor) // 2, (3 * floor + top) // 4},
-                     reverse=True)
-    last = -1.0
-    for budget in budgets:  # (e) falling budget: bytes stay within it, cost never falls
-        p = dataclasses.replace(problem, budget_bytes=budget)
-        sol = BudgetSolver().solve(p)
-        assert sol.feasible == (budget >= floor)
-        assert saved_bytes(p, sol.saved) <= max(budget, floor)
-        cost = penalised_cost(p, sol.saved)
-        assert cost >= last - 1e-9
-        last = cost

@@ -8,8 +8,11 @@ import torch
 from torch import nn
 
 import ckptfx
-from ckptfx.passes.verify import verify
+from ckptfx.errors import PlanValidationError
 from ckptfx.joint import Role
+from ckptfx.passes.verify import verify
+from ckptfx.testing import attention, chain, diamond, mlp, residual
+from ckptfx.testing import ops_of as ops
 
 from conftest import assert_bitwise, grads_of, run_partitioned
 
@@ -22,36 +25,14 @@ def _x(*shape):
     return torch.randn(*shape, requires_grad=True)
 
 
-def chain(x):
-    return x.sin().cos().tanh().sum()
-
-
-def mlp(x, w1, w2):
-    return (torch.relu(x @ w1) @ w2).sum()
-
-
-def residual(x, w):
-    return (x + torch.tanh(x @ w)).relu().sum()
-
-
-def diamond(x):
-    return (x.sin() * x.cos()).exp().sum()
-
-
-def attention(q):
-    s = q @ q.transpose(-1, -2) / 8.0
-    return (s.softmax(-1) @ q).sum()
-
-
 CASES = {
-    # name: (fn, input shapes, expected saved, expected recomputed, saved bytes)
-    "chain": (chain, [(N, N)], ("primals_1",), ("sin", "cos", "tanh"), 256 * KIB),
-    "mlp": (mlp, [(N, N)] * 3, ("primals_1", "primals_2", "primals_3", "relu"), (), 1024 * KIB),
-    "residual": (residual, [(N, N)] * 2, ("primals_1", "primals_2", "tanh"), ("add", "relu"), 768 * KIB),
-    "diamond": (diamond, [(N, N)], ("primals_1",), ("sin", "cos", "mul", "exp"), 256 * KIB),
-    "attention": (attention, [(4, 64, 32)], ("primals_1", "_softmax"),
-                  ("transpose", "expand", "view", "expand_1", "view_1", "expand_2", "view_3",
-                   "expand_3", "view_4"), 96 * KIB),
+    # name: (fn, input shapes, ops of the saved values, ops recomputed, saved bytes)
+    "chain": (chain, [(N, N)], ("primal",), ("sin", "cos", "tanh"), 256 * KIB),
+    "mlp": (mlp, [(N, N)] * 3, ("primal", "primal", "primal", "relu"), (), 1024 * KIB),
+    "residual": (residual, [(N, N)] * 2, ("primal", "primal", "tanh"), ("add", "relu"), 768 * KIB),
+    "diamond": (diamond, [(N, N)], ("primal",), ("sin", "cos", "mul", "exp"), 256 * KIB),
+    "attention": (attention, [(4, 64, 32)], ("primal", "_softmax"),
+                  ("transpose",) + ("expand", "view") * 4, 96 * KIB),
 }
 
 
@@ -61,12 +42,12 @@ def test_exact_saved_set(name):
     inputs = [_x(*s) for s in shapes]
     joint = ckptfx.trace_joint(fn, *inputs)
     plan = ckptfx.plan_remat(joint)
-    assert plan.saved == saved
-    assert plan.recomputed == recomputed
+    assert ops(plan, plan.saved) == saved
+    assert ops(plan, plan.recomputed) == recomputed
     assert plan.saved_bytes == nbytes
     assert plan.saved_bytes <= plan.no_remat_bytes
     for name_ in plan.saved:
-        assert plan.decisions[name_].action == "save" and plan.decisions[name_].reason
+        assert plan.decisions[name_].action is ckptfx.Action.SAVE and plan.decisions[name_].reason
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -74,20 +55,36 @@ def test_invariants_of_emitted_graphs(name):
     fn, shapes, *_ = CASES[name]
     joint = ckptfx.trace_joint(fn, *[_x(*s) for s in shapes])
     plan = ckptfx.plan_remat(joint)
-    fw, bw, report = ckptfx.apply_plan(joint, plan)
-    verify(joint, plan, fw, bw)  # lint, no tangent in forward, saved == plan, JIT placement
-    fw_names = {n.name for n in fw.graph.nodes}
-    assert not any(n.startswith("tangents") for n in fw_names)
+    fw, bw, report = ckptfx.apply_plan(joint, plan)  # verified there; checked apart here
+    roles = joint.roles
+    assert not [n for n in fw.graph.nodes if roles.get(n.name) is Role.TANGENT]
     bw_recomputed = [n.name for n in bw.graph.nodes if n.meta.get("ckptfx.recompute")]
     assert sorted(bw_recomputed) == sorted(plan.recomputed)
-    # a recomputed node is never emitted twice, and sits right before a user
+    # a recomputed node is never emitted twice, and only tangent-independent nodes lie
+    # between it and its first user
     assert len(bw_recomputed) == len(set(bw_recomputed))
-    order = {n.name: i for i, n in enumerate(bw.graph.nodes)}
-    for n in bw.graph.nodes:
+    nodes = list(bw.graph.nodes)
+    for i, n in enumerate(nodes):
         if n.name in plan.recomputed:
-            assert min(order[u.name] for u in n.users) > order[n.name]
+            first = min(nodes.index(u) for u in n.users)
+            assert all(m.name in joint.fw_computable for m in nodes[i + 1:first]), n.name
     assert report.saved_bytes == plan.saved_bytes
     assert len(report.recomputed) == len(plan.recomputed)
+
+
+def test_verify_rejects_a_recomputation_placed_early():
+    """The invariants checker is not a formality: a recomputed node moved before the
+    backward's first tangent-dependent node is rejected."""
+    joint = ckptfx.trace_joint(chain, _x(8, 8))
+    plan = ckptfx.plan_remat(joint)
+    fw, bw, _ = ckptfx.apply_plan(joint, plan)
+    verify(joint, plan, fw, bw)
+    tangent_dependent = next(n for n in bw.graph.nodes
+                             if n.op == "call_function" and n.name not in joint.fw_computable)
+    first = next(n for n in bw.graph.nodes if n.meta.get("ckptfx.recompute"))
+    tangent_dependent.prepend(first)
+    with pytest.raises(PlanValidationError, match="just before their first use"):
+        verify(joint, plan, fw, bw)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -110,19 +107,26 @@ def test_module_mlp_parameters_cost_nothing_to_save():
     plan = ckptfx.plan_remat(joint)
     # the input (64 KiB), the first addmm (128 KiB) and the second weight (a parameter: it is
     # alive anyway; its transpose, a view, is recomputed); gelu is recomputed from addmm
-    assert plan.saved == ("primals_3", "primals_5", "addmm")
-    assert "gelu" in plan.recomputed and "t_1" in plan.recomputed
+    assert ops(plan, plan.saved) == ("primal", "primal", "addmm")
+    assert {"gelu", "t"} <= set(ops(plan, plan.recomputed))
     assert plan.saved_bytes == 192 * KIB
-    assert plan.decisions["primals_3"].nbytes == 0
+    assert [plan.decisions[s].nbytes for s in plan.saved] == [0, 64 * KIB, 128 * KIB]
 
 
 def test_roles_of_joint_graph():
     joint = ckptfx.trace_joint(chain, _x(8, 8))
-    roles = joint.roles
-    assert roles["primals_1"] is Role.PRIMAL and roles["tangents_1"] is Role.TANGENT
-    assert roles["sin"] is Role.FORWARD and roles["output"] is Role.OUTPUT
-    assert {n.name for n in joint.nodes_with(Role.BACKWARD)} >= {"mul"}
-    assert "tangents_1" not in joint.fw_computable and "sin" in joint.fw_computable
+    aten = torch.ops.aten
+
+    def role_set(op):
+        return {joint.roles[n.name] for n in joint.graph.nodes if n.target is op}
+
+    placeholders = joint.graph.find_nodes(op="placeholder")
+    assert [joint.roles[p.name] for p in placeholders] == [Role.PRIMAL, Role.TANGENT]
+    assert role_set(aten.sin.default) == {Role.FORWARD, Role.BACKWARD}  # sin, and cos's grad
+    assert role_set(aten.tanh_backward.default) == {Role.BACKWARD}
+    assert joint.roles[joint.graph.find_nodes(op="output")[0].name] is Role.OUTPUT
+    assert placeholders[1].name not in joint.fw_computable
+    assert all(n.name in joint.fw_computable for n in joint.nodes_with(Role.FORWARD))
 
 
 def test_multi_output_and_views():
@@ -139,3 +143,23 @@ def test_multi_output_and_views():
     plan = ckptfx.plan_remat(joint)
     tuple_nodes = [n.name for n in joint.graph.nodes if isinstance(n.meta.get("val"), tuple)]
     assert tuple_nodes and not set(tuple_nodes) & set(plan.saved)  # tuples are never saved
+
+
+def test_apply_plan_reads_only_the_plan(monkeypatch):
+    """A plan carries its size hints, its options and what the report shows of each
+    decision: applying it never analyses the graph again."""
+    import ckptfx.analysis.table as table
+    import ckptfx.planner as planner
+
+    joint = ckptfx.trace_joint(residual, _x(64, 64), _x(64, 64))
+    plan = ckptfx.plan_remat(joint, {"memory_budget": 0.0})
+    assert plan.hints is not None and plan.config.memory_budget is not None
+
+    def no_analysis(*args, **kwargs):
+        raise AssertionError("apply_plan analysed the graph again")
+
+    monkeypatch.setattr(table, "build_table", no_analysis)
+    monkeypatch.setattr(planner, "build_table", no_analysis)
+    _, _, report = ckptfx.apply_plan(joint, plan)
+    assert [r.op for r in report.recomputed] == [plan.decisions[r].op for r in plan.recomputed]
+    assert report.extra_flops == sum(plan.decisions[r].flops for r in plan.recomputed) > 0

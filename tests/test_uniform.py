@@ -12,7 +12,8 @@ from torch import nn
 
 import ckptfx
 from ckptfx.analysis.layers import blocks_from_paths, find_blocks
-from ckptfx.planner import plan, select_solver
+from ckptfx.pipeline import plan
+from ckptfx.planner import select_solver
 from ckptfx.solvers.base import ProblemNode, SolveProblem, needed_closure
 from ckptfx.solvers.uniform import (
     UniformSolver,

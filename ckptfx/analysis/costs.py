@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
 from ckptfx import _torch_compat as compat
 from ckptfx.analysis.sizes import SizeHints
@@ -62,12 +61,12 @@ def _arg_vals(node: fx.Node) -> tuple[tuple, dict]:
     def val(a):
         return a.meta.get("val") if isinstance(a, fx.Node) else a
 
-    return pytree.tree_map(val, (node.args, node.kwargs))
+    return compat.tree_map(val, (node.args, node.kwargs))
 
 
 def _tensors(v: Any, hints: SizeHints):
     """(numel, element size) of every tensor in a pytree, sizes under the hints."""
-    for leaf in pytree.tree_leaves(v):
+    for leaf in compat.tree_leaves(v):
         if isinstance(leaf, torch.Tensor):
             n = 1
             for d in hints.concrete_shape(leaf):
@@ -85,20 +84,24 @@ def node_flops(node: fx.Node, hints: SizeHints) -> int:
     Ops with a formula in ``torch.utils.flop_counter``'s registry (matmul, convolution,
     attention) use it. Other ops (pointwise, reductions, which the registry leaves out) count
     one FLOP per element of their largest tensor argument or result: a documented estimate.
+    A formula that fails on these arguments does not make the op free to recompute: it falls
+    back to the same per-element estimate (logged).
     """
     target = node.target
     packet = getattr(target, "overloadpacket", None)
     registry = compat.flop_registry()
     fn = registry.get(packet) or registry.get(target)
+    estimate = _largest_numel((_arg_vals(node), node.meta.get("val")), hints)
     if fn is None:
-        return _largest_numel((_arg_vals(node), node.meta.get("val")), hints)
-    args, kwargs = pytree.tree_map(lambda v: _meta_like(v, hints), _arg_vals(node))
-    out = pytree.tree_map(lambda v: _meta_like(v, hints), node.meta.get("val"))
+        return estimate
+    args, kwargs = compat.tree_map(lambda v: _meta_like(v, hints), _arg_vals(node))
+    out = compat.tree_map(lambda v: _meta_like(v, hints), node.meta.get("val"))
     try:
         return int(fn(*args, **kwargs, out_val=out))
-    except Exception as exc:  # a formula that does not accept these args: count 0, say so
-        log.debug("flop formula for %s failed: %s", target, exc)
-        return 0
+    except Exception as exc:  # noqa: BLE001 - any formula error: estimate, never 0
+        log.warning("ckptfx: FLOP formula for %s failed (%s: %s); estimating %d FLOPs, one per "
+                    "element", target, type(exc).__name__, exc, estimate)
+        return estimate
 
 
 def _tensor_bytes(v: Any, hints: SizeHints) -> int:

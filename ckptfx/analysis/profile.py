@@ -2,8 +2,9 @@
 
 For a call_function node, the op runs on random inputs of the node's shapes and dtypes (sizes
 evaluated under the SizeHints; integer inputs are zeros, so that indices stay in range) on
-the CPU, once to warm up and then ``repeats`` times; the median wall time in seconds is its
-cost. Results are cached per (op, argument shapes/dtypes, non-tensor arguments) for the
+the CPU, once to warm up; then each of ``repeats`` timings runs it as many times as it takes
+to last at least :data:`MIN_MEASURED_S` (a single run of a microsecond op is timer noise:
+``timeit``'s rule), and the median time per run in seconds is its cost. Results are cached per (op, argument shapes/dtypes, non-tensor arguments) for the
 life of the process, so repeated layers are timed once. An op that cannot run on synthetic
 inputs keeps its roofline cost (logged at debug level).
 
@@ -15,18 +16,32 @@ from __future__ import annotations
 
 import logging
 import statistics
-import time
+import timeit
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
+from ckptfx import _torch_compat as compat
 from ckptfx.analysis.sizes import SizeHints
 
 log = logging.getLogger("ckptfx.profile")
 
 _CACHE: dict[Any, float | None] = {}
+
+MIN_MEASURED_S = 1e-3  # each timing lasts at least this long, seconds
+
+
+def seconds_per_run(fn: Callable[[], Any], repeats: int = 5,
+                    min_measured_s: float = MIN_MEASURED_S) -> float:
+    """Median seconds of one call of ``fn`` over ``repeats`` timings, each of enough calls
+    to last ``min_measured_s``; returns (seconds per call)."""
+    timer = timeit.Timer(fn)
+    number = 1
+    while (elapsed := timer.timeit(number)) < min_measured_s:
+        number *= max(2, min(100, int(min_measured_s / max(elapsed, 1e-9)) + 1))
+    return statistics.median(t / number for t in timer.repeat(repeats, number))
 
 
 def _materialize(v: Any, hints: SizeHints, gen: torch.Generator) -> Any:
@@ -61,32 +76,26 @@ def profile_node(node: fx.Node, hints: SizeHints, repeats: int = 5) -> float | N
     Args:
         node: a call_function node with ``meta["val"]`` on its tensor arguments.
         hints: evaluates symbolic sizes.
-        repeats: timed runs after one warm-up.
+        repeats: timings, each of enough runs to last MIN_MEASURED_S.
 
     Returns:
         Seconds (float), or None when the op cannot be run on synthetic inputs.
     """
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+    if node.op != "call_function" or not compat.is_op_overload(node.target):
         return None
     gen = torch.Generator().manual_seed(0)
 
     def val(a):
         return a.meta.get("val") if isinstance(a, fx.Node) else a
 
-    args = pytree.tree_map(val, (node.args, node.kwargs))
+    args = compat.tree_map(val, (node.args, node.kwargs))
     key = _key(node, args, hints)
     if key in _CACHE:
         return _CACHE[key]
     try:
-        real_args, real_kwargs = pytree.tree_map(lambda v: _materialize(v, hints, gen), args)
+        real_args, real_kwargs = compat.tree_map(lambda v: _materialize(v, hints, gen), args)
         with torch.no_grad():
-            node.target(*real_args, **real_kwargs)
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                node.target(*real_args, **real_kwargs)
-                times.append(time.perf_counter() - start)
-        result = statistics.median(times)
+            result = seconds_per_run(lambda: node.target(*real_args, **real_kwargs), repeats)
     except Exception as exc:  # synthetic inputs can be invalid for some ops
         log.debug("cannot profile %s: %s", node.target, exc)
         result = None

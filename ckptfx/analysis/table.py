@@ -1,13 +1,15 @@
 """NodeTable: one row of facts per joint-graph node, read once from ``node.meta``.
 
-Every later stage (policies, solvers, report) reads these rows instead of the fx nodes, so a
-stage never re-derives a fact and nothing is stamped on ``fx.Node``.
+Every later stage (policies, problem, solvers, report) reads these rows instead of the fx
+nodes, so a stage never re-derives a fact and nothing is stamped on ``fx.Node``. The rows
+carry the graph's structure too (producers, users, storage identity; rows in topological
+order), so :func:`ckptfx.problem.build_problem` never reads the fx graph. What a node *is*
+(random, effectful, a view, ...) is decided by :mod:`ckptfx.analysis.nodes`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import operator
 from typing import Any
 
 import sympy
@@ -15,6 +17,7 @@ import torch
 import torch.fx as fx
 
 from ckptfx import _torch_compat as compat
+from ckptfx.analysis import nodes
 from ckptfx.analysis.costs import DEFAULT_MACHINE, Machine, node_cost
 from ckptfx.analysis.sizes import SizeHints, tensor_bytes, value_bytes
 from ckptfx.joint import JointGraph, Role
@@ -58,6 +61,14 @@ class NodeFacts:
         ban_reason: why it may not be recomputed ("" if it may; see :func:`recompute_ban`).
         widens: the name of the narrower floating-point value this node upcasts losslessly
             (a bf16 -> fp32 ``_to_copy``), "" if it is no such cast.
+        can_save: the value may be handed to the backward as it is
+            (:func:`ckptfx.analysis.nodes.may_be_saved`).
+        inputs: names of its producers (``all_input_nodes``), in argument order.
+        users: names of the nodes that read it (the output node excluded).
+        storage: identity of the storage its tensor value lives in (aliases share it), or None.
+        view_of: the node whose storage a view op's value aliases ("" for a value with a
+            storage of its own; :func:`ckptfx.analysis.nodes.view_base`).
+        source: ``file.py:line`` of the user code that produced it ("" if unknown).
     """
 
     name: str
@@ -79,6 +90,12 @@ class NodeFacts:
     checkpoint_tag: Any
     ban_reason: str
     widens: str = ""
+    can_save: bool = False
+    inputs: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()
+    storage: int | None = None
+    view_of: str = ""
+    source: str = ""
 
     @property
     def op_name(self) -> str:
@@ -89,13 +106,23 @@ class NodeFacts:
 
 @dataclasses.dataclass(frozen=True)
 class NodeTable:
-    """All rows, in graph order, plus the hints sizes were evaluated with."""
+    """All rows, in graph (topological) order, plus the hints sizes were evaluated with.
+
+    Attributes:
+        rows: one NodeFacts per node, producers before users.
+        hints: the SizeHints byte counts and costs were evaluated with.
+        backward_outputs: names of the joint graph's backward outputs (the gradients).
+    """
 
     rows: tuple[NodeFacts, ...]
     hints: SizeHints
+    backward_outputs: frozenset[str] = frozenset()
 
     def __getitem__(self, name: str) -> NodeFacts:
         return self._index()[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index()
 
     def _index(self) -> dict[str, NodeFacts]:
         idx = self.__dict__.get("_idx")
@@ -109,64 +136,6 @@ class NodeTable:
         return self.hints.evaluate(self[name].nbytes)
 
 
-def _is_view(node: fx.Node) -> bool:
-    if node.target is operator.getitem:
-        return True
-    if isinstance(node.target, torch._ops.OpOverload):
-        return bool(getattr(node.target, "is_view", False))
-    return False
-
-
-def _side_effect(node: fx.Node) -> str:
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        if target._schema.is_mutable:
-            return f"{target} mutates its input"
-        if node.is_impure(impure_random=False):  # randomness is is_random's call (dropout_p=0)
-            return f"{target} is impure"
-        return ""
-    if target is operator.getitem or getattr(target, "__module__", "") in (
-            "_operator", "operator", "math", "torch.sym_node", "torch.fx.experimental.sym_node"):
-        return ""
-    if isinstance(target, torch._ops.HigherOrderOperator):
-        return f"higher-order op {target.name()} may have effects"
-    if node.is_impure():
-        return f"{target} is impure"
-    if compat.is_sym_node(node):
-        return ""
-    return f"unknown callable {target!r}"
-
-
-# Note [Random ops]
-#     A random op draws from the generator's state, which the forward has advanced by the
-#     time the backward runs: recomputing it draws a different mask. So every random op is
-#     banned from recomputation (recompute_ban), in every solver, policy and budget; a policy
-#     that demands it (MUST_RECOMPUTE) makes the plan infeasible and the safety net falls back,
-#     to a partition that does not recompute it either. Inductor (fallback_random=False)
-#     rewrites random ops into ``inductor_seeds`` (random: banned, so its few bytes are saved)
-#     and ``inductor_random(seed)`` (deterministic in its seed): recomputing the latter replays
-#     the forward's mask exactly. The invariants checker (passes/verify.py) applies the same
-#     predicate to the emitted backward. Tests: tests/test_robustness.py.
-_DROPOUT_ARGS = ("dropout_p", "p")
-
-
-def is_random(node: fx.Node) -> bool:
-    """Draws random numbers: tagged ``nondeterministic_seeded``, unless its dropout
-    probability argument is a literal 0 (SDPA and dropout ops carry the tag either way).
-    See Note [Random ops]."""
-    tags = getattr(node.target, "tags", ())
-    if torch.Tag.nondeterministic_seeded not in tags:
-        return False
-    schema = getattr(node.target, "_schema", None)
-    if schema is None:
-        return True
-    for i, arg in enumerate(schema.arguments):
-        if arg.name in _DROPOUT_ARGS:
-            value = node.kwargs.get(arg.name, node.args[i] if i < len(node.args) else arg.default_value)
-            return not (isinstance(value, (int, float)) and value == 0)
-    return True
-
-
 _CASTS = frozenset({aten._to_copy, aten.to, torch.ops.prims.convert_element_type})
 
 
@@ -176,7 +145,7 @@ def _widens(node: fx.Node) -> str:
     Under autocast or with bf16 parameters, an fp32 copy of a bf16 value (RMSNorm's
     ``x.float()``) is often a candidate next to its source; saving the copy costs twice the
     bytes of the source for the price of one cheap cast. The planner turns this fact into a
-    preference to recompute the cast (``ckptfx.planner.build_problem``).
+    preference to recompute the cast (``ckptfx.problem.build_problem``).
     """
     if getattr(node.target, "overloadpacket", None) not in _CASTS or not node.args:
         return ""
@@ -193,11 +162,6 @@ def _widens(node: fx.Node) -> str:
     return src.name if widened else ""
 
 
-def _is_collective(node: fx.Node) -> bool:
-    ns = getattr(node.target, "namespace", "")
-    return ns in ("_c10d_functional", "c10d_functional", "c10d", "_dtensor")
-
-
 def _module_info(node: fx.Node) -> tuple[str, tuple[str, ...]]:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
@@ -206,41 +170,6 @@ def _module_info(node: fx.Node) -> tuple[str, tuple[str, ...]]:
     path = entries[-1][0] if isinstance(entries[-1], tuple) else str(entries[-1])
     types = tuple(getattr(e[1], "__name__", str(e[1])) if isinstance(e, tuple) else "" for e in entries)
     return path, types
-
-
-def _flags(node: fx.Node) -> tuple[bool, str, bool]:
-    """(is random, side effect or "", is collective) of a node."""
-    if node.op != "call_function":
-        return False, "", False
-    return is_random(node), _side_effect(node), _is_collective(node)
-
-
-def recompute_ban(node: fx.Node) -> str:
-    """Why ``node`` may never be recomputed in the backward ("" if it may).
-
-    The one predicate behind ``NodeFacts.ban_reason`` and the invariants checker
-    (``ckptfx.passes.verify``), so the two never disagree on what is random or effectful.
-    """
-    return _ban_reason(node, *_flags(node))
-
-
-def _ban_reason(node: fx.Node, random: bool, side: str, collective: bool) -> str:
-    if node.op == "placeholder":
-        return "graph input"
-    if random:
-        return "random op (recomputing it would draw a different mask)"
-    if collective:
-        return "collective (never recomputed: every rank must issue it once)"
-    if side:
-        return side
-    defined = compat.unbacked_symbols_defined_by(node)
-    if defined:
-        return (f"defines the data-dependent size {', '.join(defined)} (the backward receives "
-                f"it as a saved SymInt; recomputing would define it again and sync the host)")
-    tag = node.meta.get("recompute")
-    if tag is not None and "MUST_SAVE" in str(tag):
-        return "tagged MUST_SAVE"
-    return ""
 
 
 def build_table(joint: JointGraph, hints: SizeHints, machine: Machine = DEFAULT_MACHINE,
@@ -261,37 +190,59 @@ def build_table(joint: JointGraph, hints: SizeHints, machine: Machine = DEFAULT_
     for node in joint.graph.nodes:
         if node.op == "output":
             continue
-        val = node.meta.get("val")
-        is_view = node.op == "call_function" and _is_view(node)
-        random, side, collective = _flags(node)
-        cost = node_cost(node, hints, machine, is_view=is_view)
+        cost = node_cost(node, hints, machine, is_view=nodes.is_view(node))
         if cost_model == "profile" and cost.seconds > 0 and node.name in joint.fw_computable:
             from ckptfx.analysis.profile import profile_node
 
             measured = profile_node(node, hints)
             if measured is not None:
                 cost = dataclasses.replace(cost, seconds=measured)
-        path, types = _module_info(node)
-        packet = getattr(node.target, "overloadpacket", None)
-        rows.append(NodeFacts(
-            name=node.name,
-            role=joint.roles[node.name],
-            target=node.target if node.op == "call_function" else None,
-            fw_computable=node.name in joint.fw_computable,
-            nbytes=value_bytes(val),
-            is_tensor=isinstance(val, torch.Tensor),
-            is_sym=isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)),
-            is_view=is_view,
-            is_random=random,
-            has_side_effect=bool(side),
-            is_collective=collective,
-            compute_intensive=packet in COMPUTE_INTENSIVE,
-            flops=cost.flops,
-            cost_s=cost.seconds,
-            module_path=path,
-            module_types=types,
-            checkpoint_tag=node.meta.get("recompute"),
-            ban_reason=_ban_reason(node, random, side, collective),
-            widens=_widens(node),
-        ))
-    return NodeTable(tuple(rows), hints)
+        rows.append(_row(joint, node, cost))
+    out = joint.graph.find_nodes(op="output")[0]
+    leaves = compat.arg_tree_leaves(*out.args)[joint.num_fwd_outputs:]
+    backward_outputs = frozenset(x.name for x in leaves if isinstance(x, fx.Node))
+    return NodeTable(tuple(rows), hints, backward_outputs)
+
+
+def _row(joint: JointGraph, node: fx.Node, cost) -> NodeFacts:
+    val = node.meta.get("val")
+    path, types = _module_info(node)
+    packet = getattr(node.target, "overloadpacket", None)
+    return NodeFacts(
+        name=node.name,
+        role=joint.roles[node.name],
+        target=node.target if node.op == "call_function" else None,
+        fw_computable=node.name in joint.fw_computable,
+        nbytes=value_bytes(val),
+        is_tensor=isinstance(val, torch.Tensor),
+        is_sym=isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)),
+        is_view=nodes.is_view(node),
+        is_random=nodes.is_random(node),
+        has_side_effect=bool(nodes.side_effect(node)),
+        is_collective=nodes.is_collective(node),
+        compute_intensive=packet in COMPUTE_INTENSIVE,
+        flops=cost.flops,
+        cost_s=cost.seconds,
+        module_path=path,
+        module_types=types,
+        checkpoint_tag=node.meta.get("recompute"),
+        ban_reason=nodes.recompute_ban(node),
+        widens=_widens(node),
+        can_save=nodes.may_be_saved(val),
+        inputs=tuple(p.name for p in node.all_input_nodes),
+        users=tuple(u.name for u in node.users if u.op != "output"),
+        storage=nodes.storage_id(val),
+        view_of=getattr(nodes.view_base(node), "name", ""),
+        source=source_line(node.meta),
+    )
+
+
+def source_line(meta: dict) -> str:
+    """``file.py:line`` of the innermost user frame of a node's ``stack_trace`` ("" if none)."""
+    import re
+
+    frames = re.findall(r'File "([^"]+)", line (\d+)', meta.get("stack_trace") or "")
+    if not frames:
+        return ""
+    path, line = frames[-1]
+    return f"{path.rsplit('/', 1)[-1]}:{line}"

@@ -28,6 +28,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ckptfx import _torch_compat as compat
+from ckptfx.analysis import nodes
+
 
 def _freeze(arg: Any) -> Any:
     """A hashable key for an argument; scalars keep their type."""
@@ -43,21 +46,14 @@ def _freeze(arg: Any) -> Any:
     raise TypeError(f"unhashable argument {arg!r}")
 
 
-def _is_mutation(node: fx.Node) -> bool:
-    target = node.target
-    return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
-            and target._schema.is_mutable)
-
-
 def _mergeable(node: fx.Node) -> bool:
     if node.op != "call_function" or node.meta.get("unbacked_bindings"):
         return False
     if node.target is operator.getitem:
         return True
-    target = node.target
-    if not isinstance(target, torch._ops.OpOverload) or target._schema.is_mutable:
+    if not compat.is_op_overload(node.target) or nodes.is_mutation(node):
         return False
-    if torch.Tag.nondeterministic_seeded in target.tags or target is torch.ops.aten.empty.memory_format:
+    if nodes.has_random_tag(node) or node.target is torch.ops.aten.empty.memory_format:
         return False
     return not node.is_impure()
 
@@ -72,8 +68,7 @@ def _output_aliases(graph: fx.Graph) -> set[fx.Node]:
         if n in seen:
             continue
         seen.add(n)
-        is_view = n.target is operator.getitem or getattr(n.target, "is_view", False)
-        if n.op == "call_function" and is_view and n.args and isinstance(n.args[0], fx.Node):
+        if nodes.is_view(n) and n.args and isinstance(n.args[0], fx.Node):
             stack.append(n.args[0])
     return seen
 
@@ -90,7 +85,7 @@ def merge_duplicates(gm: fx.GraphModule) -> int:
     region = 0
     merged = 0
     for node in list(graph.nodes):
-        if _is_mutation(node):
+        if nodes.is_mutation(node):
             region += 1
         if node in keep_apart or not _mergeable(node):
             continue

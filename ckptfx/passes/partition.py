@@ -14,78 +14,30 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from collections.abc import Callable
 
 from ckptfx import _torch_compat as compat
 from ckptfx.config import RematConfig
 from ckptfx.errors import ConfigError
 from ckptfx.joint import JointGraph
+from ckptfx.passes.prepare import prepare_joint
+from ckptfx.pipeline import partition_joint
 from ckptfx.report import RematReport
 
 log = logging.getLogger("ckptfx")
 _graph_ids = itertools.count()
 
 
-def partition_joint(joint: JointGraph, config: RematConfig, graph_id: int = 0,
-                    return_plan: bool = False):
-    """Plans and applies: returns (fw, bw, report[, plan]). Raises what planning or rewriting
-    raises."""
-    from ckptfx.passes.rewrite import apply_plan
-    from ckptfx.planner import plan
-    from ckptfx.report import build_report
-
-    start = time.perf_counter()
-    planned = plan(joint, config)
-    fw, bw = apply_plan(joint, planned.plan)
-    elapsed = time.perf_counter() - start
-    peak = _safe_peak(fw, bw, joint, planned.table.hints)
-    report = build_report(graph_id, planned.plan, planned.table, elapsed, predicted_peak=peak,
-                          joint=joint, graphs=(fw, bw))
-    return (fw, bw, report, planned.plan) if return_plan else (fw, bw, report)
-
-
-def apply_plan(joint: JointGraph, plan, config: RematConfig | None = None, graph_id: int = 0):
-    """Applies a plan and reports on it: the public ``ckptfx.apply_plan``.
-
-    Args:
-        joint: the JointGraph the plan was made for.
-        plan: a RematPlan (from :func:`ckptfx.plan_remat` or built by hand).
-        config: the options the plan was made with (size hints for unbacked sizes).
-
-    Returns:
-        (fw_module, bw_module, report): forward and backward GraphModules in AOTAutograd's
-        calling convention, and a RematReport.
-
-    Raises:
-        PlanValidationError: the plan or the emitted graphs break an invariant.
-    """
-    from ckptfx.analysis.table import build_table
-    from ckptfx.passes.rewrite import apply_plan as rewrite
-    from ckptfx.planner import rank_safe_cost_model, size_hints
-    from ckptfx.report import build_report
-
-    start = time.perf_counter()
-    config = RematConfig.coerce(config)
-    fw, bw = rewrite(joint, plan)
-    table = build_table(joint, size_hints(joint, config), cost_model=rank_safe_cost_model(config))
-    elapsed = time.perf_counter() - start
-    return fw, bw, build_report(graph_id, plan, table, elapsed,
-                                predicted_peak=_safe_peak(fw, bw, joint, table.hints),
-                                joint=joint, graphs=(fw, bw))
-
-
 def _forward_saved_bytes(fw, num_fwd_outputs: int) -> int:
     """Bytes of the storages a forward GraphModule returns for the backward (its outputs
     after the user outputs), for the report of a fallback partition; 0 if unknown."""
     import torch
-    import torch.utils._pytree as pytree
 
     from ckptfx.analysis.sizes import SizeHints, value_bytes
 
     try:
         out = fw.graph.find_nodes(op="output")[0]
-        saved = pytree.arg_tree_leaves(*out.args)[num_fwd_outputs:]
+        saved = compat.arg_tree_leaves(*out.args)[num_fwd_outputs:]
         hints = SizeHints.from_shape_env(compat.shape_env_of(fw.graph))
         storages = {}
         for node in saved:
@@ -95,19 +47,6 @@ def _forward_saved_bytes(fw, num_fwd_outputs: int) -> int:
         return sum(storages.values())
     except Exception:  # the report is informative only; a fallback must not fail on it
         return 0
-
-
-def _safe_peak(fw, bw, joint, hints=None) -> int | None:
-    """The simulated peak for the report (under the plan's size hints, so data-dependent
-    sizes get the values the plan assumed); a simulation failure never fails the partition."""
-    from ckptfx.memory import predict_peak
-
-    try:
-        return predict_peak(fw, bw, joint, hints=hints)
-    except Exception as exc:  # the report says "no prediction" instead
-        log.warning("ckptfx: peak simulation failed (%s: %s); report has no predicted peak",
-                    type(exc).__name__, exc)
-        return None
 
 
 def emit(report: RematReport) -> None:
@@ -150,8 +89,8 @@ def fallback_partition(joint_module, joint_inputs, num_fwd_outputs: int, **kwarg
 
 def unsafe_recomputations(joint_module, num_fwd_outputs: int, bw) -> list[str]:
     """Names of forward nodes of ``joint_module`` that ``bw`` computes again although
-    :func:`ckptfx.analysis.table.recompute_ban` forbids it."""
-    from ckptfx.analysis.table import recompute_ban
+    :func:`ckptfx.analysis.nodes.recompute_ban` forbids it."""
+    from ckptfx.analysis.nodes import recompute_ban
     from ckptfx.joint import Role, classify
 
     roles, _ = classify(joint_module.graph, num_fwd_outputs)
@@ -180,7 +119,7 @@ def partition_fn(config: RematConfig | None = None,
         graph_id = next(_graph_ids)
         static = kwargs.get("static_lifetime_input_indices")
         try:
-            compat.prepare_joint(joint_module)
+            prepare_joint(joint_module)
             joint = JointGraph.from_partition_args(
                 joint_module, joint_inputs, num_fwd_outputs=num_fwd_outputs,
                 static_lifetime_input_indices=static)

@@ -48,10 +48,10 @@ class RematPass(PassBase):
         graph_module.graph.lint()
 
     def call(self, graph_module) -> PassResult:
-        from ckptfx import _torch_compat as compat
-        from ckptfx.passes.partition import partition_joint
+        from ckptfx.passes.prepare import prepare_joint
+        from ckptfx.pipeline import partition_joint
 
-        compat.prepare_joint(graph_module)
+        prepare_joint(graph_module)
         joint = JointGraph.from_partition_args(
             graph_module, None, num_fwd_outputs=self.num_fwd_outputs,
             static_lifetime_input_indices=self.static)

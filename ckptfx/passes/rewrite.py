@@ -1,6 +1,7 @@
-"""apply_plan: a RematPlan applied to a joint graph -> forward and backward GraphModules.
+"""rewrite: a RematPlan applied to a joint graph -> verified forward and backward GraphModules.
 
-Two stages, each a function of graphs to graphs:
+Two stages, each a function of graphs to graphs, then the invariants check
+(:mod:`ckptfx.passes.verify`):
 
 1. ``split``: AOTAutograd's extractor with the plan's saved set (see
    ``Note [Reusing AOTAutograd's extractor]`` in ``ckptfx/_torch_compat.py``). The forward
@@ -18,7 +19,9 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ckptfx import _torch_compat as compat
+from ckptfx.analysis.nodes import is_movable
 from ckptfx.joint import JointGraph, Role
+from ckptfx.passes.verify import verify
 from ckptfx.plan import RematPlan
 
 META_KEY = "ckptfx.recompute"  # node.meta key marking recomputed nodes in the backward
@@ -31,16 +34,6 @@ def split(joint: JointGraph, plan: RematPlan) -> tuple[fx.GraphModule, fx.GraphM
     saved_sym = [n for n in saved if compat.is_sym_node(n)]
     saved_values = [n for n in saved if not compat.is_sym_node(n)]
     return compat.extract_fwd_bwd(joint.gm, saved_values, saved_sym, joint.num_fwd_outputs)
-
-
-def is_movable(node: fx.Node, fw_computable: frozenset[str]) -> bool:
-    """A backward node that depends on no tangent and may move to just before its first use:
-    neither effectful nor random (moving a random op would reorder the RNG's draws; SDPA at
-    dropout_p=0 draws nothing and moves, see ``ckptfx.analysis.table.is_random``)."""
-    from ckptfx.analysis.table import is_random
-
-    return (node.op == "call_function" and node.name in fw_computable
-            and not node.is_impure(impure_random=False) and not is_random(node))
 
 
 def _dead_forward_copies(bw: fx.GraphModule, forward: frozenset[str]) -> set[fx.Node]:
@@ -73,8 +66,7 @@ def place_just_in_time(bw: fx.GraphModule, fw_computable: frozenset[str],
         A new GraphModule computing the same values in the new order.
     """
     dead = _dead_forward_copies(bw, forward)
-    new = fx.Graph()
-    new._codegen = bw.graph._codegen
+    new = compat.graph_like(bw.graph)
     env: dict[fx.Node, fx.Node] = {}
 
     def emit(node: fx.Node) -> None:
@@ -102,8 +94,9 @@ def place_just_in_time(bw: fx.GraphModule, fw_computable: frozenset[str],
     return fx.GraphModule(bw, new)
 
 
-def apply_plan(joint: JointGraph, plan: RematPlan) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """Applies ``plan``: forward and backward GraphModules, verified.
+def rewrite(joint: JointGraph, plan: RematPlan) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Applies ``plan``: forward and backward GraphModules, verified. The public
+    :func:`ckptfx.apply_plan` adds the report.
 
     Args:
         joint: the joint graph the plan was made for.
@@ -115,8 +108,6 @@ def apply_plan(joint: JointGraph, plan: RematPlan) -> tuple[fx.GraphModule, fx.G
     Raises:
         PlanValidationError: the emitted graphs break an invariant (see passes/verify.py).
     """
-    from ckptfx.passes.verify import verify
-
     fw, bw = split(joint, plan)
     forward = frozenset(n.name for n in joint.nodes_with(Role.FORWARD))
     bw = place_just_in_time(bw, joint.fw_computable, frozenset(plan.recomputed), forward)

@@ -5,7 +5,7 @@
 3. The backward's saved-tensor inputs are exactly the plan's saved tensors.
 4. The forward nodes the backward computes are exactly the plan's recomputed nodes, and none
    of them may not be recomputed: a random op, a side effect, a collective, a node that
-   defines a data-dependent size (``ckptfx.analysis.table.recompute_ban``, the predicate the
+   defines a data-dependent size (:func:`ckptfx.analysis.nodes.recompute_ban`, the predicate the
    planner uses too).
 5. Every recomputed node sits just before its first use: between it and its first user
    there are only other tangent-independent nodes.
@@ -16,10 +16,9 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ckptfx import _torch_compat as compat
-from ckptfx.analysis.table import recompute_ban
+from ckptfx.analysis.nodes import is_movable, recompute_ban
 from ckptfx.errors import PlanValidationError
 from ckptfx.joint import JointGraph, Role
-from ckptfx.passes.rewrite import is_movable
 from ckptfx.plan import RematPlan
 
 

@@ -27,12 +27,17 @@ Note [Validity of a saved set]
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Literal, Protocol
 
-SAVE = "save"
-RECOMPUTE = "recompute"
+from ckptfx.errors import ConfigError
 
-Force = Literal["save", "recompute"]
+
+class Force(enum.Enum):
+    """A hard constraint on one node, from a policy's MUST vote or a structural solver."""
+
+    SAVE = "save"
+    RECOMPUTE = "recompute"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +57,7 @@ class ProblemNode:
         can_recompute: False for random ops, side effects, collectives and the like.
         expensive: a compute-bound op (matmul, convolution, attention); the min-cut does not
             recompute these unless asked to or a policy votes MUST_ or PREFER_RECOMPUTE.
-        force: a hard constraint from a policy: ``"save"`` or ``"recompute"``, or None.
+        force: a hard constraint (:class:`Force`), or None.
         prefer: a soft bias in seconds of recompute cost: positive favours saving this node,
             negative favours recomputing it. Solvers that optimise cost add it to the
             objective when the node is recomputed.
@@ -75,6 +80,11 @@ class ProblemNode:
     prefer: float = 0.0
     reason: str = ""
     storage_owner: str = ""
+
+    def __post_init__(self) -> None:
+        if self.force is not None and not isinstance(self.force, Force):
+            raise ConfigError(f"ProblemNode {self.name!r}: force={self.force!r} must be a "
+                              f"ckptfx.solvers.base.Force (SAVE, RECOMPUTE) or None")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +176,7 @@ def needed_closure(problem: SolveProblem, saved: set[str]) -> tuple[set[str], li
             continue
         if node.in_forward and not node.can_recompute:
             violations.append(f"{name} must not be recomputed ({node.reason or 'banned'})")
-        if node.force == SAVE:
+        if node.force == Force.SAVE:
             violations.append(f"{name} is forced to be saved ({node.reason})")
         recomputed.add(name)
         stack.extend(i for i in node.inputs if i not in saved)
@@ -174,7 +184,7 @@ def needed_closure(problem: SolveProblem, saved: set[str]) -> tuple[set[str], li
         node = nodes[name]
         if not node.can_save:
             violations.append(f"{name} cannot be saved ({node.reason or 'not a tensor'})")
-        if node.force == RECOMPUTE:
+        if node.force == Force.RECOMPUTE:
             violations.append(f"{name} is forced to be recomputed ({node.reason})")
     return recomputed, violations
 
@@ -221,8 +231,8 @@ def _least_recompute_walk(problem: SolveProblem, descend_backward_native: bool) 
             continue
         seen.add(name)
         node = by_name[name]
-        savable = node.can_save and node.force != RECOMPUTE
-        wanted_here = (node.in_forward or node.is_input or node.force == SAVE
+        savable = node.can_save and node.force != Force.RECOMPUTE
+        wanted_here = (node.in_forward or node.is_input or node.force == Force.SAVE
                        or not descend_backward_native)
         if wanted_here and (savable or node.is_input):
             saved.add(name)

@@ -21,14 +21,14 @@ Note [Budget MILP formulation]
         s.t. s_v + r_v >= 1                    v needed_by_backward
              s_u + r_u >= r_v                  u an input of v
              sum_v nbytes_v s_v <= budget      budget row (absent for budget None)
-             r_v = 0    v is_input, force == "save", or in_forward and not can_recompute
-             s_v = 0    not can_save, or force == "recompute"
+             r_v = 0    v is_input, force is SAVE, or in_forward and not can_recompute
+             s_v = 0    not can_save, or force is RECOMPUTE
 
     ``c_v`` is the recompute cost (0 if not in_forward), ``p_v`` the preference
     (Note [Preference penalties] in knapsack.py), ``eps_v`` the byte tie-break below. Any
     feasible (s, r) has r containing the closure of needed_closure(s), so its s is a valid
     saved set; conversely a valid set with r = its closure is feasible: the optimum over
-    the program is the optimum over valid plans. ``force == "recompute"`` forbids saving
+    the program is the optimum over valid plans. ``force is RECOMPUTE`` forbids saving
     even a backward-native node (as the min-cut does; needed_closure only checks in_forward).
 
 Note [Budget objective scaling]

@@ -36,14 +36,14 @@ Note [Preference penalties]
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 from collections.abc import Iterable
 from typing import ClassVar
 
 from ckptfx.errors import UnsupportedGraphError
 from ckptfx.solvers.base import (
-    RECOMPUTE,
-    SAVE,
+    Force,
     ProblemNode,
     SolveProblem,
     Solution,
@@ -59,13 +59,13 @@ _MIN_GAIN = 1e-12  # cost-model seconds; smaller refill gains are float noise
 
 def can_be_saved(node: ProblemNode) -> bool:
     """Whether a plan may save ``node`` (the min-cut's and the MILP's rule)."""
-    return node.can_save and node.force != RECOMPUTE
+    return node.can_save and node.force != Force.RECOMPUTE
 
 
 def can_run_in_backward(node: ProblemNode) -> bool:
     """Whether the backward may compute ``node`` (recompute it, or run it if backward-native)."""
     banned = node.in_forward and not node.can_recompute
-    return not node.is_input and node.force != SAVE and not banned
+    return not node.is_input and node.force != Force.SAVE and not banned
 
 
 def backward_penalty(node: ProblemNode) -> float:
@@ -121,14 +121,20 @@ def least_bytes_plan(problem: SolveProblem) -> tuple[str, ...]:
     """The valid plan of fewest saved bytes (exact: min-cut with preferences removed).
 
     Among plans of equal bytes the min-cut's tie-break applies (Note [Min-cut tie-breaking]).
+    It depends on the nodes alone, so it is computed once per node set: a peak search solves
+    the same nodes under a dozen budgets.
 
     Raises:
         UnsupportedGraphError: no valid plan exists; the message is the offending path.
     """
+    return _least_bytes(problem.nodes)
+
+
+@functools.lru_cache(maxsize=4)
+def _least_bytes(nodes: tuple[ProblemNode, ...]) -> tuple[str, ...]:
     from ckptfx.solvers.mincut import MinCutSolver
 
-    plain = dataclasses.replace(
-        problem, nodes=tuple(dataclasses.replace(n, prefer=0.0) for n in problem.nodes))
+    plain = SolveProblem(tuple(dataclasses.replace(n, prefer=0.0) for n in nodes))
     return MinCutSolver(recompute_expensive=True).solve(plain).saved
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections import deque
 
 from ckptfx.errors import UnsupportedGraphError
-from ckptfx.solvers.base import RECOMPUTE, SAVE, ProblemNode, SolveProblem, Solution, needed_closure
+from ckptfx.solvers.base import Force, ProblemNode, SolveProblem, Solution, needed_closure
 
 SOURCE, SINK = "__source__", "__sink__"
 
@@ -44,12 +44,12 @@ def _weight(node: ProblemNode) -> float:
 def _source_reason(node: ProblemNode, recompute_expensive: bool) -> str | None:
     if node.is_input:
         return "graph input"
-    if node.force == SAVE:
+    if node.force == Force.SAVE:
         return node.reason or "MUST_SAVE"
     if node.in_forward and not node.can_recompute:
         return node.reason or "may not be recomputed"
     if (node.in_forward and node.expensive and not recompute_expensive
-            and node.force != RECOMPUTE and node.prefer >= 0):
+            and node.force != Force.RECOMPUTE and node.prefer >= 0):
         return "compute-intensive op (the min-cut saves it; recompute_expensive=True allows)"
     return None
 
@@ -67,7 +67,7 @@ def build_flow_graph(problem: SolveProblem, recompute_expensive: bool = False):
     scale = n * n + 1
     for i, node in enumerate(problem.nodes):
         a, b = (node.name, "in"), (node.name, "out")
-        if node.can_save and node.force != RECOMPUTE:
+        if node.can_save and node.force != Force.RECOMPUTE:
             g.add_edge(a, b, capacity=int(round(_weight(node))) * scale + (n - i))
         else:
             g.add_edge(a, b, reason=node.reason or ("MUST_RECOMPUTE" if node.force else "cannot be saved"))

@@ -20,7 +20,7 @@ Note [Uniform boundaries]
     forward nodes read by some forward node outside the block: for a residual stack, the
     residual stream it passes on (e.g. GPT-2's ``h.i`` output, ``batch x seq x hidden``).
     Blocks ``k-1, 2k-1, ...`` (0-based; ``floor(n/k)`` of them) are *checkpoints*: their
-    boundary outputs are forced saved (``force="save"``: never recomputed; saved when the
+    boundary outputs are forced saved (``Force.SAVE``: never recomputed; saved when the
     backward needs them). Only those computed through one of the block's compute-intensive
     ops count (:func:`checkpoint_values`): a value a block derives from shared inputs alone,
     like the attention mask GPT-2's SDPA path builds in block 0 and every block reads, is
@@ -57,7 +57,7 @@ import logging
 import math
 
 from ckptfx.errors import ConfigError
-from ckptfx.solvers.base import RECOMPUTE, SAVE, ProblemNode, SolveProblem, Solution
+from ckptfx.solvers.base import Force, ProblemNode, SolveProblem, Solution
 
 
 def default_k(n: int) -> int:
@@ -117,10 +117,10 @@ def _available(node: ProblemNode, forced_recompute: set[str], avail: dict[str, b
     """Whether the backward can obtain ``node``: saved, or recomputed from obtainable inputs."""
     if node.is_input:
         return True
-    if node.can_save and node.force != RECOMPUTE and node.name not in forced_recompute:
+    if node.can_save and node.force != Force.RECOMPUTE and node.name not in forced_recompute:
         return True
     recomputable = node.can_recompute or not node.in_forward
-    return recomputable and node.force != SAVE and all(avail.get(i, True) for i in node.inputs)
+    return recomputable and node.force != Force.SAVE and all(avail.get(i, True) for i in node.inputs)
 
 
 def uniform_constraints(problem: SolveProblem, k: int) -> tuple[SolveProblem, UniformLayout]:
@@ -157,10 +157,10 @@ def uniform_constraints(problem: SolveProblem, k: int) -> tuple[SolveProblem, Un
     nodes = []
     for node in problem.nodes:
         if node.name in forced_save:
-            node = dataclasses.replace(node, force=SAVE, reason=f"uniform: checkpoint, output "
+            node = dataclasses.replace(node, force=Force.SAVE, reason=f"uniform: checkpoint, output "
                                        f"of block {block_of[node.name]} (one every {k} blocks)")
         elif node.name in forced_recompute:
-            node = dataclasses.replace(node, force=RECOMPUTE, reason="uniform: inside a "
+            node = dataclasses.replace(node, force=Force.RECOMPUTE, reason="uniform: inside a "
                                        f"segment of {k} blocks, recomputed from its checkpoint")
         nodes.append(node)
     layout = UniformLayout(k, checkpoints, frozenset(forced_save), frozenset(forced_recompute))
