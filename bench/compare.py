@@ -1,6 +1,7 @@
-"""One table for the trade: memory, speed and the batch that fits, for ckptfx and for what
-users pick today (eager, transformers' per-block checkpointing, torch.compile with and without
-PyTorch's ``activation_memory_budget``).
+"""Memory, speed and the batch that fits, side by side: ckptfx against what users pick today.
+
+The contenders: eager, transformers' per-block checkpointing, torch.compile with and without
+PyTorch's ``activation_memory_budget``, and ``backend="ckpt"`` with its budgets and policies.
 
 Every (model, layers, contender) runs in its own process (fresh Dynamo and Inductor state;
 Inductor's caches disabled, so every compile plans), the contenders interleaved within each
@@ -22,7 +23,7 @@ weights and batch (gradients released each step, no optimizer) and measures:
   first new size), and the tokens/s of a step at that batch.
 
 Usage:
-    python bench/compare.py --quick                       # GPT-2, 6 layers, 1 repeat (~10 min on 2 cores)
+    python bench/compare.py --quick                       # GPT-2, 6 layers, 1 repeat (~10 min on 2 idle cores)
     python bench/compare.py                               # 4 models x 6 and 24 layers (hours on 2 cores)
     python bench/compare.py --models llama --layers 6 --contenders eager,compile,ckpt
     python bench/compare.py --md t.md --json t.json --png t.png
@@ -46,8 +47,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _models import BY_KEY, CONTENDERS, MODELS, Shape, build, prepare  # noqa: E402
 
 MIB = 2 ** 20
-QUICK_CONTENDERS = ("eager", "block_ckpt", "compile", "torch_0.5", "torch_0.1", "ckpt_peak_0.5",
-                    "ckpt_peak_0.0")
+QUICK_CONTENDERS = ("eager", "block_ckpt", "compile", "torch_0.1", "ckpt_peak_0.0")
 QUICK_FIT = ("eager", "block_ckpt", "torch_0.1", "ckpt_peak_0.0")
 
 
@@ -235,8 +235,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help=f"GPT-2 at 6 layers, 1 repeat, contenders {','.join(QUICK_CONTENDERS)}, "
-                        f"batch fit for {','.join(QUICK_FIT)} (~10 min on 2 CPU cores)")
+                   help=f"GPT-2 at 6 layers, 1 repeat, 2 timed steps, contenders {','.join(QUICK_CONTENDERS)}, "
+                        f"batch fit for {','.join(QUICK_FIT)} (~10 min on 2 idle CPU cores)")
     p.add_argument("--models", default=None, help=f"comma-separated, from {','.join(MODELS)}")
     p.add_argument("--layers", default=None, help="comma-separated layer counts (default 6,24)")
     p.add_argument("--contenders", default=None,
@@ -248,9 +248,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--batch", type=int, default=4, help="sequences per step")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per process")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per process (default 3; --quick 2)")
     p.add_argument("--repeats", type=int, default=None, help="processes per configuration (default 3)")
-    p.add_argument("--limit-mib", type=float, default=256.0, help="memory limit of the batch search, MiB")
+    p.add_argument("--limit-mib", type=float, default=128.0, help="memory limit of the batch search, MiB")
     p.add_argument("--max-batch", type=int, default=256, help="the batch search stops doubling here")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
@@ -271,6 +271,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fit = args.fit or (",".join(QUICK_FIT) if args.quick else ",".join(args.contenders))
     args.fit = [] if fit == "none" else split(fit)
     args.repeats = args.repeats or (1 if args.quick else 3)
+    args.steps = args.steps or (2 if args.quick else 3)
     for name in args.models:
         if name not in MODELS:
             p.error(f"unknown model {name!r}; choose from {', '.join(MODELS)}")

@@ -41,6 +41,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # two processes with the profiler: ~20 s idle, a minute on a busy 2-core machine
 def test_tiny_run_writes_every_column(tmp_path):
     out = tmp_path / "rows.json"
     res = _run("--models", "gpt", "--layers", "2", "--hidden", "32", "--heads", "2", "--seq", "16",
