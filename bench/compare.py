@@ -23,7 +23,7 @@ weights and batch (gradients released each step, no optimizer) and measures:
   first new size), and the tokens/s of a step at that batch.
 
 Usage:
-    python bench/compare.py --quick                       # GPT-2, 6 layers, 1 repeat (~10 min on 2 idle cores)
+    python bench/compare.py --quick                       # GPT-2, 6 layers, 1 repeat (17 min on a busy 2-core CPU)
     python bench/compare.py                               # 4 models x 6 and 24 layers (hours on 2 cores)
     python bench/compare.py --models llama --layers 6 --contenders eager,compile,ckpt
     python bench/compare.py --md t.md --json t.json --png t.png
@@ -236,7 +236,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help=f"GPT-2 at 6 layers, 1 repeat, 2 timed steps, contenders {','.join(QUICK_CONTENDERS)}, "
-                        f"batch fit for {','.join(QUICK_FIT)} (~10 min on 2 idle CPU cores)")
+                        f"batch fit for {','.join(QUICK_FIT)} (17 min on a busy 2-core CPU)")
     p.add_argument("--models", default=None, help=f"comma-separated, from {','.join(MODELS)}")
     p.add_argument("--layers", default=None, help="comma-separated layer counts (default 6,24)")
     p.add_argument("--contenders", default=None,
