@@ -191,6 +191,13 @@ class LiveStorages(compat.dispatch_mode_base()):
     data pointer, with its ``nbytes()``), drops it when the storage is freed
     (``weakref.finalize``) and records the running total after each op.
 
+    For graphs run directly (the partitioned forward and backward GraphModules of
+    ``inner="eager"``, as :func:`measure_step` runs them). Not around a ``torch.compile``'d
+    callable: Dynamo runs compiled code eagerly while a dispatch mode is active, and
+    Inductor's buffers are allocated past the dispatcher; measure a compiled step with the
+    profiler's allocator events instead (``torch.profiler.profile(profile_memory=True)``,
+    as ``tests/test_inductor_order.py`` and ``bench/compare.py`` do).
+
     Attributes:
         total: bytes live now.
         peak: the largest ``total`` seen after an op, bytes.
