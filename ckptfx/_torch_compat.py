@@ -369,12 +369,19 @@ def _planned_order_choices():
     return PlannedOrderChoices()
 
 
-def planned_order_inner_compile():
+def planned_order_inner_compile(on_compiled=None):
     """Inductor's ``compile_fx_inner`` with fusions that keep the planned node order.
 
     Pass it as ``compile_fx(..., inner_compile=...)``: it applies to the graphs of that
     call only (the forward and backward ckptfx partitioned), not to other compilations
     in the process. See Note [Fusion keeps the planned order].
+
+    Args:
+        on_compiled: called as ``on_compiled(gm, is_backward, buffers)`` after each graph
+            Inductor compiles (the backward may compile lazily, at its first run): ``gm``
+            is the graph as lowered (after Inductor's post-grad passes), ``buffers`` the
+            names of its nodes whose values Inductor allocates (Note [Buffers Inductor
+            allocates]). Not called for a graph served from Inductor's cache.
 
     Returns:
         a callable with ``compile_fx_inner``'s signature.
@@ -384,10 +391,75 @@ def planned_order_inner_compile():
 
     @functools.wraps(compile_fx_inner)
     def inner_compile(gm, example_inputs, **kwargs):
-        with V.set_choices_handler(_planned_order_choices()):
-            return compile_fx_inner(gm, example_inputs, **kwargs)
+        recorder = _buffer_recorder_class()() if on_compiled is not None else None
+        patch = {} if recorder is None else {"_post_fusion_custom_pass": recorder}
+        with V.set_choices_handler(_planned_order_choices()), inductor_config().patch(patch):
+            compiled = compile_fx_inner(gm, example_inputs, **kwargs)
+        if recorder is not None and recorder.lowering is not None:
+            on_compiled(gm, bool(kwargs.get("is_backward")), recorder.allocated(gm))
+        return compiled
 
     return inner_compile
+
+
+# Note [Buffers Inductor allocates]
+#     Inductor gives a buffer to a node's value only where it materialises it: a chain of
+#     pointwise ops fuses into one kernel and its intermediates stay in registers; a value
+#     read only inside the kernel that computes it is dropped at codegen
+#     (``GraphLowering.removed_buffers``); views are reinterpretations of their base. After
+#     fusion (``_post_fusion_custom_pass``) every scheduler buffer names the FX nodes it was
+#     computed from (``origins``); the one whose value it holds is its ``origin_node`` or,
+#     where Inductor did not record one, the latest of its origins in the graph that is
+#     not a view (a realized view holds its base's value). Those nodes own buffers; every
+#     other node of the lowered graph allocates nothing (``ckptfx.memory.simulate(
+#     buffers=...)``, Note [Fused values]). Buffer reuse by the generated code
+#     (``ReuseLine``) is not modelled. The simulation runs the nodes in
+#     the graph's order; Inductor's ``reorder_for_peak_memory``, which runs after this
+#     pass, was observed to keep that order on the planned graphs (the scheduler nodes of
+#     ``tests/test_inductor_order.py`` come out as they went in). The pass changes
+#     nothing: its ``uuid`` is constant, so Inductor's cache key is the same with or
+#     without it.
+def _buffer_recorder_class():
+    cls = globals().get("_BufferRecorder")
+    if cls is not None:
+        return cls
+    from torch._inductor.custom_graph_pass import CustomSchedulerPass
+    from torch._inductor.virtualized import V
+
+    class BufferRecorder(CustomSchedulerPass):
+        """Keeps the scheduler buffers of the graph being lowered (changes nothing)."""
+
+        def __init__(self) -> None:
+            self.lowering = None
+            self.buffers: list = []
+
+        def __call__(self, nodes):
+            self.lowering = V.graph
+            self.buffers = [buf.node for snode in nodes for buf in snode.get_outputs()]
+            return nodes
+
+        def uuid(self) -> str:
+            return "ckptfx.buffer-recorder.v1"
+
+        def allocated(self, gm: fx.GraphModule) -> frozenset[str]:
+            """Names of the nodes of ``gm`` whose values own a buffer in the code."""
+            order = {n: i for i, n in enumerate(gm.graph.nodes)}
+            gone = set(self.lowering.removed_buffers) | set(self.lowering.inplaced_to_remove)
+            names = set()
+            for buf in self.buffers:
+                if buf.get_name() in gone:
+                    continue
+                owner = getattr(buf, "origin_node", None)
+                if owner not in order:
+                    owner = max((n for n in buf.origins if n in order and
+                                 not getattr(n.target, "is_view", False)),
+                                key=order.__getitem__, default=None)
+                if owner is not None:
+                    names.add(owner.name)
+            return frozenset(names)
+
+    globals()["_BufferRecorder"] = BufferRecorder
+    return BufferRecorder
 
 
 def aot_autograd_backend(**kwargs):

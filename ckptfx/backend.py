@@ -138,8 +138,9 @@ class CkptBackend:
         else:
             partitioner = make_inductor_partitioner(config, on_report)
             patches = {"custom_partitioner_fn": partitioner, **compat.inductor_config_patches()}
+            peak = _InductorPeak(config, got, self.reports)
             compiled = compat.compile_fx(gm, example_inputs, config_patches=patches,
-                                         inner_compile=compat.planned_order_inner_compile())
+                                         inner_compile=compat.planned_order_inner_compile(peak))
             store = ReportStore(os.path.join(compat.inductor_cache_dir(), "ckptfx-reports"))
             store_key = hashlib.sha256(f"{partitioner.uuid()}|{key}".encode()).hexdigest()
             if got:
@@ -183,6 +184,55 @@ class CkptBackend:
 
     def __repr__(self) -> str:
         return f"CkptBackend({self.config!r})"
+
+
+class _InductorPeak:
+    """Re-predicts a graph's peak once Inductor has compiled its forward and backward, with
+    the buffers Inductor allocates (Note [Fused values] in :mod:`ckptfx.memory`).
+
+    The partitioner reports before Inductor compiles, and the backward may compile at its
+    first run; the report is replaced (in ``got`` and in the backend's ``reports``) then.
+    """
+
+    def __init__(self, config: RematConfig, got: list[RematReport],
+                 reports: list[RematReport]) -> None:
+        self.config, self.got, self.reports = config, got, reports
+        self.forward = None
+
+    def __call__(self, gm, is_backward: bool, buffers: frozenset[str]) -> None:
+        if not is_backward:
+            self.forward = (gm, buffers)
+            return
+        if self.forward is None or not self.got or self.got[0].predicted_peak_bytes is None:
+            return
+        old = self.got[0]
+        from ckptfx.memory import BACKWARD, FORWARD
+
+        peak = self._predict(self.forward[0], gm, {FORWARD: self.forward[1],
+                                                   BACKWARD: buffers})
+        if peak is None:
+            return
+        new = dataclasses.replace(old, predicted_peak_bytes=peak, notes=old.notes + (
+            f"predicted peak counts the buffers Inductor allocates (fused intermediates "
+            f"0 B); with a buffer per FX value it is "
+            f"{old.predicted_peak_bytes} B",))
+        self.got[0] = new
+        self.reports[:] = [new if r is old else r for r in self.reports]
+
+    def _predict(self, fw, bw, buffers) -> int | None:
+        from ckptfx import _torch_compat as compat
+        from ckptfx.analysis.sizes import SizeHints
+        from ckptfx.memory import predict_peak
+
+        shape_env = compat.shape_env_of(fw.graph) or compat.shape_env_of(bw.graph)
+        hints = SizeHints.from_shape_env(shape_env, self.config.unbacked_size_hint)
+        try:
+            return predict_peak(fw, bw, hints=hints, buffers=buffers)
+        except Exception as exc:  # the report keeps the prediction made at partition time
+            log.warning("ckptfx: peak simulation of Inductor's buffers failed (%s: %s); the "
+                        "report keeps the prediction with a buffer per FX value",
+                        type(exc).__name__, exc)
+            return None
 
 
 def _collect(got: list, note: str, report: RematReport) -> None:

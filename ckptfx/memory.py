@@ -7,7 +7,7 @@ peak alone, as the report shows it.
 
 Call tree::
 
-    simulate(fw, bw, hints)
+    simulate(fw, bw, hints, buffers)
     ├── saved_inputs(fw, bw)         backward placeholder -> forward output it receives
     ├── _storages(fw, ...)           storages each node references / allocates  (aliasing)
     │   └── _alias_sources(node)     schema alias info, else fake-storage identity
@@ -61,9 +61,22 @@ Note [Memory model]
     This is what executes when the inner compiler's code takes its inputs boxed and drops
     each value after its last use (Inductor, or FX code with the boxed calling convention):
     ``tests/test_memory.py`` measures it exactly. Not modelled: allocator rounding and
-    caching, kernel workspaces (scratch memory inside one op), Inductor's buffer reuse and
-    fusion (fused intermediates never materialise), and FX code with positional arguments,
-    which keeps every input alive until it returns.
+    caching, kernel workspaces (scratch memory inside one op), Inductor's buffer reuse, and
+    FX code with positional arguments, which keeps every input alive until it returns.
+    Inductor's fusion is modelled when the caller names the nodes that own a buffer
+    (Note [Fused values]).
+
+Note [Fused values]
+    A compiler that fuses a chain of pointwise ops computes the chain's intermediates inside
+    the kernel of the value it materialises: they never get a buffer. ``simulate(...,
+    buffers={graph: names})`` takes the names of the call nodes of each graph that own a
+    buffer; the storages of the other call nodes count 0 bytes, and each of them reads its
+    inputs where its own value is read, so an input of a fused chain lives until the kernel
+    that computes the chain's result (its last reader, transitively through fused nodes).
+    Views of a fused value alias it as usual. The backend passes the buffers Inductor
+    allocated (``ckptfx._torch_compat``, Note [Buffers Inductor allocates]); without
+    ``buffers`` every call node owns its outputs. Not modelled: a buffer the generated
+    code reuses (in place, or a dead one kept for a later one of the same size).
 """
 
 from __future__ import annotations
@@ -165,6 +178,7 @@ class _Storages:
     refs: Mapping[fx.Node, tuple[_Key | None, ...]]
     created: Mapping[fx.Node, tuple[_Key, ...]]
     nbytes: Mapping[_Key, int]  # bytes per storage; 0 for graph inputs (not counted)
+    fused: frozenset[fx.Node] = frozenset()  # computed inside their users' kernels: 0 bytes
 
 
 def _leaves(val: Any) -> list[Any]:
@@ -243,7 +257,7 @@ def _call_refs(node: fx.Node, refs: Mapping[fx.Node, tuple[_Key | None, ...]], t
 
 
 def _storages(gm: fx.GraphModule, tag: Phase, inputs: Mapping[str, tuple[_Key, ...]],
-              hints: SizeHints) -> _Storages:
+              hints: SizeHints, buffers: frozenset[str] | None = None) -> _Storages:
     """Finds the storages of ``gm`` (see Note [Memory model]).
 
     Args:
@@ -252,10 +266,13 @@ def _storages(gm: fx.GraphModule, tag: Phase, inputs: Mapping[str, tuple[_Key, .
         inputs: placeholder name -> storages it receives from the other graph (saved values).
             A tangent placeholder allocates a storage; any other is a resident input.
         hints: evaluates symbolic sizes.
+        buffers: names of the call nodes that own a buffer (None: every one); the
+            storages of the others count 0 bytes (Note [Fused values]).
     """
     refs: dict[fx.Node, tuple[_Key | None, ...]] = {}
     created: dict[fx.Node, tuple[_Key, ...]] = {}
     nbytes: dict[_Key, int] = {}
+    fused = set()
     for node in gm.graph.nodes:
         val = node.meta.get("val")
         if node.op == "placeholder" and node.name in inputs:
@@ -270,26 +287,35 @@ def _storages(gm: fx.GraphModule, tag: Phase, inputs: Mapping[str, tuple[_Key, .
             refs[node], created[node] = (key,), ((key,) if counted else ())
         elif node.op == "call_function":
             refs[node], created[node] = _call_refs(node, refs, tag, hints, nbytes)
+            if buffers is not None and created[node] and node.name not in buffers:
+                fused.add(node)
+                nbytes.update((k, 0) for k in created[node])
         elif node.op != "output":
             raise UnsupportedGraphError(
                 f"memory simulation: node {node.name!r} has op {node.op!r}; only placeholder, "
                 f"get_attr, call_function and output are supported (inline submodules first)")
-    return _Storages(refs, created, nbytes)
+    return _Storages(refs, created, nbytes, frozenset(fused))
 
 
 def _lifetimes(gm: fx.GraphModule, st: _Storages) -> tuple[dict[_Key, int], set[_Key]]:
-    """(storage -> index of the node after which it dies, storages the output returns)."""
+    """(storage -> index of the node after which it dies, storages the output returns).
+
+    A fused user reads its inputs where its own value is read (Note [Fused values]), so
+    nodes are visited last to first: a fused node's storages end before its inputs'.
+    """
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     last: dict[_Key, int] = {}
     returned: set[_Key] = set()
-    for node in nodes:
+    for node in reversed(nodes):
         if node.op == "output":
             continue
         end = order[node]
         for user in node.users:
             if user.op == "output":
                 returned.update(k for k in st.refs[node] if k is not None)
+            elif user in st.fused:
+                end = max([end, order[user]] + [last.get(k, -1) for k in st.created[user]])
             else:
                 end = max(end, order[user])
         for key in st.refs[node]:
@@ -376,8 +402,8 @@ def _refs_of(nodes: list[Any], refs: Mapping[fx.Node, tuple[_Key | None, ...]]) 
     return {k for n in nodes if isinstance(n, fx.Node) for k in refs[n] if k is not None}
 
 
-def simulate(fw: fx.GraphModule, bw: fx.GraphModule,
-             hints: SizeHints | None = None) -> MemoryTimeline:
+def simulate(fw: fx.GraphModule, bw: fx.GraphModule, hints: SizeHints | None = None,
+             buffers: Mapping[Phase, frozenset[str]] | None = None) -> MemoryTimeline:
     """Simulates the live bytes of one step: ``fw``, then ``bw`` (Note [Memory model]).
 
     Args:
@@ -387,6 +413,9 @@ def simulate(fw: fx.GraphModule, bw: fx.GraphModule,
             outputs: gradients of the primals, None for those without one).
         hints: values of size symbols (default: the backed hints of the graphs' ShapeEnv;
             a symbol without one uses ``SizeHints.unbacked_default``, with a warning).
+        buffers: ``FORWARD``/``BACKWARD`` (a Phase) -> names of that graph's call nodes that
+            own a buffer; the others are fused into their users and count 0 bytes (Note [Fused
+            values]). None (or a graph missing from it): every call node owns its outputs.
 
     Returns:
         The MemoryTimeline; its byte counts exclude the resident primals.
@@ -406,9 +435,11 @@ def simulate(fw: fx.GraphModule, bw: fx.GraphModule,
         shape_env = compat.shape_env_of(fw.graph) or compat.shape_env_of(bw.graph)
         hints = SizeHints.from_shape_env(shape_env)
     user, saved = saved_inputs(fw, bw)
-    fw_st = _storages(fw, FORWARD, {}, hints)
+    buffers = buffers or {}
+    fw_st = _storages(fw, FORWARD, {}, hints, buffers.get(FORWARD))
     fw_steps, boundary = _replay(fw, FORWARD, fw_st, fw_st.nbytes, 0, set())
-    bw_st = _storages(bw, BACKWARD, {p: fw_st.refs[n] for p, n in saved.items()}, hints)
+    bw_st = _storages(bw, BACKWARD, {p: fw_st.refs[n] for p, n in saved.items()}, hints,
+                      buffers.get(BACKWARD))
     nbytes = {**fw_st.nbytes, **bw_st.nbytes}
     bw_steps, _ = _replay(bw, BACKWARD, bw_st, nbytes, boundary, _refs_of(user, fw_st.refs))
     steps = tuple(fw_steps + bw_steps)
@@ -420,8 +451,8 @@ def simulate(fw: fx.GraphModule, bw: fx.GraphModule,
         saved_bytes=sum(nbytes[k] for k in kept), boundary_bytes=boundary)
 
 
-def predict_peak(fw: fx.GraphModule, bw: fx.GraphModule,
-                 hints: SizeHints | None = None) -> int | None:
+def predict_peak(fw: fx.GraphModule, bw: fx.GraphModule, hints: SizeHints | None = None,
+                 buffers: Mapping[Phase, frozenset[str]] | None = None) -> int | None:
     """The simulated peak bytes of one step (see :func:`simulate`), primals excluded.
 
     Args:
@@ -429,6 +460,7 @@ def predict_peak(fw: fx.GraphModule, bw: fx.GraphModule,
         bw: the backward GraphModule.
         hints: values of size symbols (a plan's ``RematPlan.hints``); default: the graphs'
             ShapeEnv hints, as :func:`simulate`.
+        buffers: the call nodes of each graph that own a buffer (see :func:`simulate`).
 
     Returns:
         Peak bytes, or None (unknown: the caller decides what that means, never 0) when a
@@ -440,7 +472,7 @@ def predict_peak(fw: fx.GraphModule, bw: fx.GraphModule,
     if missing_vals(fw) or missing_vals(bw):
         log.debug("ckptfx: no memory prediction: nodes without meta['val']")
         return None
-    return simulate(fw, bw, hints).peak_bytes
+    return simulate(fw, bw, hints, buffers).peak_bytes
 
 
 @dataclasses.dataclass(frozen=True)

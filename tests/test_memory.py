@@ -101,6 +101,26 @@ def test_chain_numbers():
     assert t.peak_of(FORWARD).live_bytes == 2 * 64 * KIB
 
 
+def test_every_node_a_buffer_is_the_default():
+    """Naming every call node as a buffer owner changes no step of the simulation."""
+    _, fw, bw, _, _ = _partition("mlp")
+    owners = {graph: frozenset(n.name for n in gm.graph.nodes if n.op == "call_function")
+              for graph, gm in ((FORWARD, fw), (BACKWARD, bw))}
+    assert simulate(fw, bw, buffers=owners).steps == simulate(fw, bw).steps
+
+
+def test_fused_values_count_nothing_and_keep_their_inputs():
+    """chain's backward fused into one kernel (Note [Fused values]): only ``mul_1`` owns a
+    64 KiB buffer; the tangent, read through fused ops, lives until that kernel runs, next
+    to the 4-byte loss. The forward keeps only the loss."""
+    _, fw, bw, _, _ = _partition("chain")
+    t = simulate(fw, bw, buffers={FORWARD: frozenset({"sum_1"}), BACKWARD: frozenset({"mul_1"})})
+    assert t.peak_of(FORWARD).live_bytes == 4
+    assert t.peak_node == "mul_1"
+    assert t.peak_bytes == 64 * KIB + 4 + 4
+    assert t.live_at(BACKWARD, "tanh_backward") == 4 + 4
+
+
 def test_views_share_storage():
     """Views of computed tensors allocate nothing: t/transpose by the schema's alias
     annotation, ``_unsafe_view`` (no annotation) by its fake output's storage; the halves of
