@@ -391,7 +391,7 @@ def planned_order_inner_compile(on_compiled=None):
 
     @functools.wraps(compile_fx_inner)
     def inner_compile(gm, example_inputs, **kwargs):
-        recorder = _buffer_recorder_class()() if on_compiled is not None else None
+        recorder = new_buffer_recorder() if on_compiled is not None else None
         patch = {} if recorder is None else {"_post_fusion_custom_pass": recorder}
         with V.set_choices_handler(_planned_order_choices()), inductor_config().patch(patch):
             compiled = compile_fx_inner(gm, example_inputs, **kwargs)
@@ -441,6 +441,10 @@ def _buffer_recorder_class():
         def uuid(self) -> str:
             return "ckptfx.buffer-recorder.v1"
 
+        def __reduce__(self):
+            # Inductor pickles its config into the cache key: an empty recorder, by reference
+            return (new_buffer_recorder, ())
+
         def allocated(self, gm: fx.GraphModule) -> frozenset[str]:
             """Names of the nodes of ``gm`` whose values own a buffer in the code."""
             order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -460,6 +464,11 @@ def _buffer_recorder_class():
 
     globals()["_BufferRecorder"] = BufferRecorder
     return BufferRecorder
+
+
+def new_buffer_recorder():
+    """An empty recorder of the buffers Inductor allocates (Note [Buffers Inductor allocates])."""
+    return _buffer_recorder_class()()
 
 
 def aot_autograd_backend(**kwargs):
