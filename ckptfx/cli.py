@@ -158,6 +158,19 @@ def _version() -> str:
         return "unknown"
 
 
+def _probe_write(path: str, option: str) -> None:
+    """Opens ``path`` for writing as the command will (creating and removing it if new): a
+    folder that refuses files (``/proc``) fails here, before any work."""
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: not writable ({exc.strerror or exc})") from None
+    if not existed:
+        os.remove(path)
+
+
 def check_output(path: str | None, option: str, plot: bool = False) -> None:
     """Checks that ``path`` can be written (and drawn) before any work.
 
@@ -174,6 +187,7 @@ def check_output(path: str | None, option: str, plot: bool = False) -> None:
         raise UsageError(f"{option} {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise UsageError(f"{option} {path}: not writable")
+    _probe_write(path, option)
     if plot:
         if os.path.splitext(path)[1].lower() not in _PLOT_EXTS:
             raise UsageError(f"{option} {path}: use a {', '.join(_PLOT_EXTS)} file name")
@@ -235,10 +249,13 @@ def main(argv: list[str] | None = None) -> int:
         from ckptfx import commands
 
         return commands.run(args)
-    except (UsageError, CkptfxError, ImportError) as exc:
+    except (UsageError, CkptfxError, ImportError, OSError) as exc:
+        if isinstance(exc, BrokenPipeError):  # `ckptfx report ... | head`: the reader left
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         if getattr(args, "debug", False):
             raise
-        print(f"{PROG} {args.command}: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG} {args.command}: {_one_line(exc)}{_hint(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
@@ -246,8 +263,37 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return " ".join(text.split())
+    """The message, on one line, with the root cause of a chained error (a model's own
+    exception inside a tracing error) appended when it says something the message does not."""
+    text = " ".join((str(exc).strip() or type(exc).__name__).split())
+    root, seen = exc, {id(exc)}
+    while (nxt := root.__cause__ or (None if _ours(root) and root.__suppress_context__
+                                     else root.__context__)) is not None and id(nxt) not in seen:
+        root = nxt  # the innermost error: a model's own, under the tracer's wrappers
+        seen.add(id(root))
+    lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+    cause = lines[-1] if lines else ""
+    if root is not exc and cause and cause not in text:
+        text += f" (caused by {type(root).__name__}: {cause})"
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+        text = f"cannot write {exc.filename}: {text}"
+    return text
+
+
+def _ours(exc: BaseException) -> bool:
+    """An error ckptfx raised (its ``from None`` means the context is not the cause); the
+    tracer's own wrappers suppress the model's error, which is the cause."""
+    from ckptfx.errors import CkptfxError
+
+    return isinstance(exc, (UsageError, CkptfxError))
+
+
+def _hint(exc: BaseException) -> str:
+    if isinstance(exc, ImportError) and getattr(exc, "name", "") == "transformers":
+        return "; --hf needs transformers: pip install transformers"
+    if isinstance(exc, ImportError) and getattr(exc, "name", "") == "matplotlib":
+        return "; plots need matplotlib: pip install matplotlib"
+    return ""
 
 
 if __name__ == "__main__":

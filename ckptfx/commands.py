@@ -79,7 +79,7 @@ def capture(args) -> list[Any]:
             raise
         first = (str(exc).strip().splitlines() or [""])[0]
         raise UnsupportedGraphError(f"capturing {name} failed: {type(exc).__name__}: {first} "
-                                    f"(rerun with --debug for the traceback)") from None
+                                    f"(rerun with --debug for the traceback)") from exc
 
 
 def plan_graph(joint, options: dict, graph_id: int, with_timeline: bool = True):

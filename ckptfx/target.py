@@ -142,7 +142,7 @@ def load_factory(target: str):
         module = importlib.import_module(mod_name)
     except Exception as exc:  # a user module may fail in any way while importing
         raise TargetError(f"cannot import {mod_name!r} for target {target!r}: "
-                          f"{type(exc).__name__}: {exc}") from None
+                          f"{type(exc).__name__}: {exc}") from exc
     obj: Any = module
     for part in attr.split("."):
         obj = getattr(obj, part, None)
@@ -170,7 +170,7 @@ def _call_factory(target: str, sizes: Sizes) -> tuple[Any, Any]:
     try:
         result = factory(**kwargs)
     except Exception as exc:  # the user's code: report it in one line
-        raise TargetError(f"{target} raised {type(exc).__name__}: {exc}") from None
+        raise TargetError(f"{target} raised {type(exc).__name__}: {exc}") from exc
     if not (isinstance(result, tuple) and len(result) == 2
             and isinstance(result[0], torch.nn.Module)):
         raise TargetError(f"{target} returned {type(result).__name__}; it must return "

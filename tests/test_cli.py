@@ -162,3 +162,33 @@ def test_help_is_plain_and_imports_no_torch():
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().endswith("False")
     assert "``" not in res.stdout and "--timeline" in res.stdout and "ckptfx " in res.stdout
+
+
+def test_an_unwritable_output_fails_before_any_work(capsys):
+    code, out, err = _run(["report", "toy_models:mlp", *TINY, "--json", "/proc/x.json"], capsys)
+    assert code == 2 and not out
+    assert err.strip() == "ckptfx report: --json /proc/x.json: not writable (No such file or directory)"
+
+
+def test_a_models_own_error_is_named_in_the_one_line(capsys):
+    code, _, err = _run(["report", "toy_models:shape_bug"], capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("ckptfx report: capturing toy_models:shape_bug failed")
+    assert "caused by RuntimeError: a and b must have same reduction dim" in last
+
+
+def test_debug_shows_the_users_own_frames():
+    res = subprocess.run([sys.executable, "-m", "ckptfx.cli", "report", "toy_models:raises",
+                          "--debug"], capture_output=True, text=True, timeout=120,
+                         cwd=str(__import__("pathlib").Path(__file__).parent))
+    assert res.returncode != 0 and "toy_models.py" in res.stderr
+
+
+def test_output_into_a_closed_pipe_is_not_an_error():
+    code = (f"import subprocess, sys; p = subprocess.Popen([sys.executable, '-m', 'ckptfx.cli', "
+            f"'report', 'toy_models:mlp', {', '.join(map(repr, TINY))}], stdout=subprocess.PIPE, "
+            f"stderr=subprocess.PIPE); p.stdout.close(); err = p.stderr.read().decode(); "
+            f"p.wait(); print(p.returncode, 'Traceback' in err)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=str(__import__("pathlib").Path(__file__).parent))
+    assert res.stdout.split() == ["0", "False"], res.stdout + res.stderr

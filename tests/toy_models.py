@@ -38,3 +38,8 @@ def not_a_pair():
 def lstm():
     torch.manual_seed(0)
     return nn.LSTM(8, 8, batch_first=True), (torch.randn(2, 4, 8),)
+
+
+def shape_bug():
+    """A model whose forward fails on its own example input (a shape mismatch)."""
+    return nn.Linear(4, 4), torch.randn(2, 5)
