@@ -73,6 +73,14 @@ def boxed_copy(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
+def lazy_graph_modules():
+    """A context in which new GraphModules skip Python code generation until first called
+    (``torch.fx._lazy_graph_module``): graphs built only to be simulated never pay for it."""
+    from torch.fx._lazy_graph_module import _use_lazy_graph_module
+
+    return _use_lazy_graph_module(True)
+
+
 def dynamo_reset() -> None:
     """Clears Dynamo's compile caches (``torch._dynamo.reset``)."""
     import torch._dynamo

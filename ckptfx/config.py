@@ -144,9 +144,9 @@ class RematConfig:
     Attributes:
         memory_budget: None (no budget: the min-cut over saved bytes decides), or a
             :class:`MemoryBudget` (see :func:`parse_budget` for accepted inputs).
-        budget_kind: ``"saved"`` bounds the bytes kept from forward to backward;
-            ``"peak"`` bounds the simulated peak bytes of the whole step; None (default) is
-            ``"saved"``. Only with ``memory_budget``.
+        budget_kind: ``"peak"`` bounds the simulated peak bytes of the whole step (what runs
+            out of memory); ``"saved"`` bounds the bytes kept from forward to backward; None
+            (default) is ``"peak"``. Only with ``memory_budget``.
         solver: ``"auto"`` (min-cut without a budget, ``"budget"`` with one), ``"mincut"``,
             ``"budget"`` (MILP, HiGHS), ``"greedy"`` (knapsack heuristic), ``"uniform"``.
         policy: None, a built-in policy name (see ``ckptfx.policies.BUILTIN``), or a policy
@@ -223,8 +223,8 @@ class RematConfig:
 
     @property
     def effective_budget_kind(self) -> str:
-        """The budget kind that applies: ``budget_kind``, or ``"saved"`` when unset."""
-        return self.budget_kind or "saved"
+        """The budget kind that applies: ``budget_kind``, or ``"peak"`` when unset."""
+        return self.budget_kind or "peak"
 
     @property
     def effective_solver(self) -> str:

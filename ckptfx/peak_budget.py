@@ -1,34 +1,33 @@
-"""Peak budgets (``budget_kind="peak"``): the least recompute whose simulated step peak fits.
+"""Peak budgets (``budget_kind="peak"``, the default): the least recompute whose simulated
+step peak fits.
 
 A search stage: it composes the stages below it (solve and plan, :mod:`ckptfx.planner`;
-apply, :mod:`ckptfx.passes.rewrite`; simulate, :mod:`ckptfx.memory`) and none of them calls
-it; :func:`ckptfx.pipeline.plan` calls it for ``budget_kind="peak"``.
+apply, :mod:`ckptfx.passes.rewrite`; simulate, :mod:`ckptfx.memory`, through
+:mod:`ckptfx.candidates`) and none of them calls it; :func:`ckptfx.pipeline.plan` calls it
+for a peak budget.
 
-The budget solver is exact for a bound on *saved* bytes. A bound on the *peak* of the step
-depends on the emitted graphs' schedule, so it is met by a search over saved-bytes bounds:
+A bound on the *peak* of the step depends on the emitted graphs' schedule, so it is met by
+simulating a fixed set of candidate plans and keeping the cheapest that fits:
 
-    1. Candidates: the budget solver's plans for SWEEP + 1 evenly spaced saved-bytes bounds
-       s in [least saved bytes, no-recompute saved bytes], plus layer-wise plans (uniform,
-       k = 1 and round(sqrt(n)), when the graph has repeated blocks); each is applied and
-       its peak simulated (``ckptfx.memory``).
+    1. Candidates: with repeated blocks, the block chain's (:mod:`ckptfx.peak_chain`, Note
+       [Peak search paths]); without, the budget solver's plans for SWEEP + 1 evenly spaced
+       saved-bytes bounds from the least saved bytes to the no-budget plan's. The no-budget
+       plan is always one. Each is applied and its peak simulated.
     2. P = the peak budget in bytes: absolute, or a fraction f on the scale least peak among
-       the candidates (0) .. the no-budget min-cut plan's peak (1).
-    3. Bisection between the largest bound whose plan fits P and the next bound that does
-       not (more may be saved, so less recomputed).
-    4. The answer is the feasible candidate with the least recompute cost; if none fits, the
-       candidate with the least peak, reported infeasible.
+       the candidates (0) .. the no-budget plan's peak (1).
+    3. If the no-budget plan fits P, it is the answer (a fraction of 1.0 is the no-budget
+       plan exactly). Else the answer is the fitting candidate with the least recompute
+       cost; if none fits, the candidate with the least peak, reported infeasible.
 
-The whole search keeps to ``time_limit_s``: the least-bytes plan, the no-budget plan and the
-layer-wise plans are always simulated; the sweep and the bisection stop at the deadline (the
-notes say how many plans were simulated).
+The candidates do not depend on the budget, so a smaller budget only excludes candidates:
+its plan never has a higher simulated peak (``tests/test_peak_budget.py`` checks this as a
+property). The search keeps to ``time_limit_s``: the no-budget plan and the layer-wise plans
+are always simulated, the rest stop at the deadline (the notes say how many ran), which is
+the one way the candidate set can depend on the machine.
 
 A candidate whose peak the simulation cannot predict (a node without ``meta["val"]``) is
 unknown, not 0 bytes: it is neither the least peak nor a fit; when no candidate has a known
 peak the search raises (the partitioner's safety net then falls back).
-
-The peak is not monotone in s in general (a larger saved set can shorten a recompute chain's
-lifetime), which is why every candidate is simulated and the best feasible one is kept
-rather than trusting the bisection's last step.
 """
 
 from __future__ import annotations
@@ -39,32 +38,14 @@ import time
 
 from ckptfx.errors import UnsupportedGraphError
 from ckptfx.joint import JointGraph
-from ckptfx.memory import missing_vals, predict_peak
-from ckptfx.passes.rewrite import rewrite
+from ckptfx.candidates import Candidate, evaluate
+from ckptfx.peak_chain import chain_candidates, layerwise_candidates
 from ckptfx.planner import Planned, Prepared, finish, mincut_saved
-from ckptfx.solvers.base import SolveProblem, Solution, recompute_cost, saved_bytes
-from ckptfx.solvers.uniform import UniformSolver, default_k
+from ckptfx.solvers.base import SolveProblem, Solution, saved_bytes
 
 log = logging.getLogger("ckptfx")
 
-MAX_ROUNDS = 6
-SWEEP = 6  # evenly spaced saved-bytes bounds simulated before refining
-
-
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-    """One evaluated plan: its saved-bytes bound, solution, simulated peak and cost.
-
-    ``peak`` is None when the simulation could not predict it (unknown, never a number).
-    """
-
-    bound: int
-    solution: Solution
-    peak: int | None
-    cost: float
-
-    def fits(self, target: int) -> bool:
-        return self.peak is not None and self.peak <= target
+SWEEP = 8  # evenly spaced saved-bytes bounds between the least and the no-budget plan's
 
 
 def plan_for_peak(joint: JointGraph, prep: Prepared) -> Planned:
@@ -82,20 +63,14 @@ def plan_for_peak(joint: JointGraph, prep: Prepared) -> Planned:
     def to_plan(p, s):
         return prep.to_plan(p, s, name)
 
-    solution, peak, target = solve_for_peak(joint, problem, solver, prep.config.memory_budget,
-                                            prep.full_bytes, to_plan, default)
+    config = prep.config
+    chain = name == "budget" and config.solver == "auto"  # the user chose no solver or policy
+    solution, peak, target = solve_for_peak(joint, problem, solver, config.memory_budget,
+                                            prep.full_bytes, to_plan, default,
+                                            recompute_expensive=config.recompute_expensive,
+                                            chain=chain)
     problem = dataclasses.replace(problem, budget_bytes=target)
     return finish(prep, problem, solution, name, time.perf_counter() - start, peak)
-
-
-def _simulate(joint: JointGraph, plan) -> int | None:
-    """The simulated peak of ``plan`` under its own size hints, or None (unknown)."""
-    fw, bw = rewrite(joint, plan)
-    peak = predict_peak(fw, bw, plan.hints)
-    if peak is None:
-        log.debug("ckptfx: peak search: no prediction (nodes without meta['val']: %s)",
-                  (missing_vals(fw) + missing_vals(bw))[:5])
-    return peak
 
 
 def _evaluate(joint, problem: SolveProblem, solver, bound: int, to_plan,
@@ -103,27 +78,28 @@ def _evaluate(joint, problem: SolveProblem, solver, bound: int, to_plan,
     limit = problem.time_limit_s if deadline is None else max(0.5, deadline - time.monotonic())
     sub = dataclasses.replace(problem, budget_bytes=bound, budget_kind="saved",
                               time_limit_s=min(problem.time_limit_s, limit))
-    solution = solver.solve(sub)
-    peak = _simulate(joint, to_plan(sub, solution))
-    return Candidate(bound, solution, peak, recompute_cost(problem, solution.saved))
+    return evaluate(joint, sub, solver.solve(sub), to_plan, bound)
 
 
 def solve_for_peak(joint, problem: SolveProblem, solver, budget, full_saved: int, to_plan,
-                   default: Solution, extra: tuple[Solution, ...] = ()
+                   default: Solution, extra: tuple[Solution, ...] = (),
+                   recompute_expensive: bool = False, chain: bool = True
                    ) -> tuple[Solution, int, int]:
-    """Searches saved-bytes bounds for the cheapest plan whose simulated peak fits.
+    """Finds the cheapest plan whose simulated peak fits (Note [Peak search paths]).
 
     Args:
         joint: the JointGraph.
         problem: the SolveProblem (its budget fields are ignored).
-        solver: a saved-bytes solver (the budget solver).
+        solver: a saved-bytes solver (the budget solver) for the sweep.
         budget: a MemoryBudget: bytes of peak, or a fraction on the scale least peak found
-            (0) .. the no-budget min-cut plan's peak (1) (Note [Budget fractions]).
-        full_saved: bytes the no-recompute plan saves.
+            (0) .. the no-budget plan's peak (1) (Note [Budget fractions]).
+        full_saved: bytes the no-recompute plan saves (unused by the block chain).
         to_plan: ``(problem, solution) -> RematPlan`` (the planner's converter; the plan
             carries the size hints the simulation uses).
         default: the no-budget plan (the 1.0 end of the fraction scale; also a candidate).
         extra: more candidate solutions to simulate (e.g. layer-wise plans).
+        recompute_expensive: the inner min-cut's option for what blocks leave open.
+        chain: plan repeated blocks with the block chain when the graph has them.
 
     Returns:
         (solution, its simulated peak in bytes, the peak budget in bytes).
@@ -132,17 +108,13 @@ def solve_for_peak(joint, problem: SolveProblem, solver, budget, full_saved: int
         UnsupportedGraphError: no candidate's peak could be simulated.
     """
     deadline = time.monotonic() + problem.time_limit_s
-    low = _evaluate(joint, problem, solver, 0, to_plan, deadline)
-    least = saved_bytes(problem, low.solution.saved)
-    seen = [low]
-    for i in range(1, SWEEP + 1):
-        if time.monotonic() > deadline:
-            break
-        seen.append(_evaluate(joint, problem, solver, least + (full_saved - least) * i // SWEEP,
-                              to_plan, deadline))
-    anchor = _evaluate_solution(joint, problem, default, to_plan)
-    seen += [anchor] + [_evaluate_solution(joint, problem, sol, to_plan)
-                        for sol in tuple(extra) + layerwise_candidates(problem)]
+    anchor = evaluate(joint, problem, default, to_plan)
+    if chain and len(problem.layers) >= 2 and anchor.peak is not None:
+        seen, notes = chain_candidates(joint, problem, anchor, to_plan, recompute_expensive,
+                                       deadline)
+    else:
+        seen, notes = [anchor] + _sweep(joint, problem, solver, default, to_plan, deadline), ()
+    seen += [evaluate(joint, problem, sol, to_plan) for sol in extra]
     known = [c.peak for c in seen if c.peak is not None]
     if not known:
         raise UnsupportedGraphError(
@@ -151,51 +123,33 @@ def solve_for_peak(joint, problem: SolveProblem, solver, budget, full_saved: int
     least_peak = min(known)
     anchor_peak = anchor.peak if anchor.peak is not None else max(known)
     target = budget.resolve(least_peak, max(anchor_peak, least_peak))
-    seen += _refine(joint, problem, solver, to_plan, seen, target, deadline)
-    feasible = [c for c in seen if c.fits(target)]
-    if feasible:
-        best = min(feasible, key=lambda c: (c.cost, c.peak))
-        note = f"peak search: {len(seen)} plans simulated; peak {best.peak} B <= {target} B"
+    if anchor.fits(target):  # Note [Peak search paths]: at or above 1.0, the no-budget plan
+        best, feasible = anchor, True
     else:
-        best = min((c for c in seen if c.peak is not None), key=lambda c: (c.peak, c.cost))
-        note = f"peak search: {len(seen)} plans simulated; least peak {best.peak} B > {target} B"
-    solution = dataclasses.replace(best.solution, feasible=bool(feasible),
-                                   notes=best.solution.notes + (note,))
+        fitting = [c for c in seen if c.fits(target)]
+        feasible = bool(fitting)
+        best = (min(fitting, key=lambda c: (c.cost, c.peak)) if fitting else
+                min((c for c in seen if c.peak is not None), key=lambda c: (c.peak, c.cost)))
+    relation = "<=" if feasible else ">"
+    note = (f"peak search: {len(seen)} plans simulated; "
+            f"{'peak' if feasible else 'least peak'} {best.peak} B {relation} {target} B")
+    solution = dataclasses.replace(best.solution, feasible=feasible,
+                                   notes=best.solution.notes + notes + (note,))
     return solution, best.peak, target
 
 
-def layerwise_candidates(problem: SolveProblem) -> tuple[Solution, ...]:
-    """Uniform plans (Chen et al. 2016) for k = 1 and k = round(sqrt(n)) when the graph has
-    repeated blocks: a saved-bytes bound alone never asks for block boundaries, yet saving
-    them is what keeps a deep network's backward from rematerialising every block at once."""
-    if len(problem.layers) < 2:
-        return ()
-    out = []
-    for k in sorted({1, default_k(len(problem.layers))}):
-        plain = dataclasses.replace(problem, budget_bytes=None, budget_kind="saved")
-        out.append(UniformSolver(layers_per_checkpoint=k, inner="mincut").solve(plain))
-    return tuple(out)
-
-
-def _evaluate_solution(joint, problem, solution: Solution, to_plan) -> Candidate:
-    peak = _simulate(joint, to_plan(problem, solution))
-    return Candidate(saved_bytes(problem, solution.saved), solution, peak,
-                     recompute_cost(problem, solution.saved))
-
-
-def _refine(joint, problem, solver, to_plan, seen: list[Candidate], target: int,
-            deadline: float) -> list[Candidate]:
-    """Bisects between the largest bound that fits and the next larger one that does not."""
-    bounds = sorted({c.bound for c in seen if c.bound is not None})
-    fits = {c.bound: c.fits(target) for c in seen}
-    lo = max((b for b in bounds if fits.get(b)), default=None)
-    hi = min((b for b in bounds if lo is not None and b > lo and not fits.get(b)), default=None)
-    found = []
-    for _ in range(MAX_ROUNDS):
-        if lo is None or hi is None or hi - lo <= max(1, hi // 100) or time.monotonic() > deadline:
+def _sweep(joint, problem: SolveProblem, solver, default: Solution, to_plan,
+           deadline: float) -> list[Candidate]:
+    """The saved-bytes sweep: the budget solver's plans for SWEEP + 1 bounds from the least
+    bytes to the no-budget plan's bytes, plus the layer-wise plans."""
+    low = _evaluate(joint, problem, solver, 0, to_plan, deadline)
+    least = saved_bytes(problem, low.solution.saved)
+    top = max(least, saved_bytes(problem, default.saved))
+    seen = [low]
+    for i in range(1, SWEEP + 1):
+        if time.monotonic() > deadline:
             break
-        mid = (lo + hi) // 2
-        cand = _evaluate(joint, problem, solver, mid, to_plan, deadline)
-        found.append(cand)
-        lo, hi = (mid, hi) if cand.fits(target) else (lo, mid)
-    return found
+        seen.append(_evaluate(joint, problem, solver, least + (top - least) * i // SWEEP,
+                              to_plan, deadline))
+    return seen + [evaluate(joint, problem, sol, to_plan)
+                   for sol in layerwise_candidates(problem)]

@@ -5,7 +5,8 @@ Call tree::
     collect_votes(table, config)         Vote per forward node from the policies
     build_problem(table, joint, votes, config)
     ├── alias_votes(table, votes)        recompute votes extended to views of voted nodes
-    └── find_blocks(table)               repeated blocks -> layers   (analysis/layers.py)
+    └── repeated_blocks(table)           blocks -> layers: module paths (analysis/layers.py),
+                                         else structure (analysis/repeats.py)
 
 Everything here reads the :class:`~ckptfx.analysis.table.NodeTable` (facts, producers, users,
 storage identity, topological order) and the JointGraph's plain-data fields
@@ -15,6 +16,7 @@ storage identity, topological order) and the JointGraph's plain-data fields
 from __future__ import annotations
 
 from ckptfx.analysis.layers import find_blocks
+from ckptfx.analysis.repeats import find_repeats
 from ckptfx.analysis.table import NodeFacts, NodeTable
 from ckptfx.config import RematConfig
 from ckptfx.joint import JointGraph, Role
@@ -135,6 +137,19 @@ def build_problem(table: NodeTable, joint: JointGraph, votes: dict[str, Vote],
             reason=reason,
             storage_owner="" if owner == row.name else owner,
         ))
-    layers = tuple(tuple(n for n in block.nodes if n in names) for block in find_blocks(table))
+    blocks, source = repeated_blocks(table)
+    layers = tuple(tuple(n for n in block.nodes if n in names) for block in blocks)
     return SolveProblem(nodes=tuple(nodes), budget_kind=config.effective_budget_kind,
-                        time_limit_s=float(config.time_limit_s), layers=layers)
+                        time_limit_s=float(config.time_limit_s), layers=layers,
+                        layers_from=source if layers else "")
+
+
+def repeated_blocks(table: NodeTable) -> tuple[tuple, str]:
+    """The graph's repeated blocks and where they were read from: ``"module paths"``
+    (``nn_module_stack``, when the graph has them) or ``"structure"`` (repeated ops, sizes
+    and wiring; Note [Structural repeats] in ``ckptfx/analysis/repeats.py``)."""
+    blocks = find_blocks(table)
+    if len(blocks) >= 2:
+        return blocks, "module paths"
+    return find_repeats(table), "structure"
+

@@ -17,7 +17,7 @@ Note [Layers]
     simulate    memory
     report      report_text, formula, timeline (curves of this plan, no recompute and
                 PyTorch's partitioner), report
-    search      peak_budget (composes plan, apply and simulate)
+    search      candidates, peak_chain, peak_budget (compose plan, apply and simulate)
     entry       pipeline, passes/partition, passes/remat, passes, backend (and its ledger),
                 capture, frontier
     package     ckptfx (public names)
@@ -50,7 +50,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("apply", ("ckptfx.passes.verify", "ckptfx.passes.rewrite")),
     ("simulate", ("ckptfx.memory",)),
     ("report", ("ckptfx.report_text", "ckptfx.formula", "ckptfx.timeline", "ckptfx.report")),
-    ("search", ("ckptfx.peak_budget",)),
+    ("search", ("ckptfx.candidates", "ckptfx.peak_chain", "ckptfx.peak_budget")),
     ("entry", ("ckptfx.pipeline", "ckptfx.passes.partition", "ckptfx.passes.remat",
                "ckptfx.passes", "ckptfx.backend", "ckptfx.ledger", "ckptfx.capture",
                "ckptfx.frontier")),

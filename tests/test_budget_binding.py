@@ -78,6 +78,7 @@ def test_mincut_with_a_budget_is_a_config_error():
 @pytest.mark.parametrize("solver", ["auto", "budget", "greedy", "uniform"])
 def test_budget_solvers_keep_the_budget_or_say_so(solver, caplog):
     backend = ckptfx.CkptBackend(inner="eager", solver=solver, memory_budget="1MiB",
+                                 budget_kind="saved",
                                  **({"policy": "uniform"} if solver == "uniform" else {}))
     with warnings_of(caplog) as warns:
         measured = run(mlp(), backend)
@@ -103,7 +104,7 @@ def test_an_unmet_budget_raises_when_strict():
 
 def test_a_byte_budget_is_shared_by_the_graphs_of_a_model():
     # graph 1 keeps all it needs (3 MiB, nothing recomputed); graph 2 gets what is left
-    backend = ckptfx.CkptBackend(inner="eager", memory_budget="3.5MiB")
+    backend = ckptfx.CkptBackend(inner="eager", memory_budget="3.5MiB", budget_kind="saved")
     measured = run(TwoGraphs(), backend)
     assert len(backend.reports) == 2
     assert all(r.feasible for r in backend.reports)

@@ -31,7 +31,7 @@ def _joint():
 
 @pytest.mark.parametrize("budget", [1.0, 0.8, 0.6, 0.0, "250KiB", 200 * KIB])
 def test_saved_bytes_within_budget_and_gradients_exact(budget):
-    config = RematConfig.from_options({"memory_budget": budget})
+    config = RematConfig.from_options({"memory_budget": budget, "budget_kind": "saved"})
     plan = ckptfx.plan_remat(_joint(), config)
     assert plan.solver == "budget" and plan.feasible
     assert plan.saved_bytes <= plan.budget_bytes
@@ -44,39 +44,48 @@ def test_saved_bytes_within_budget_and_gradients_exact(budget):
 
 def test_fraction_zero_is_least_achievable():
     joint = _joint()
-    least = ckptfx.plan_remat(joint, RematConfig.from_options({"memory_budget": 0.0}))
+    saved = {"budget_kind": "saved"}
+    least = ckptfx.plan_remat(joint, RematConfig.from_options({"memory_budget": 0.0, **saved}))
     assert least.feasible
     # only the three inputs: everything else, matmuls included, is recomputed from them
     assert ops_of(least, least.saved) == ("primal",) * 3
     assert least.saved_bytes == 3 * 64 * KIB
     for b in (1.0, 0.7, 0.5):
-        other = ckptfx.plan_remat(joint, RematConfig.from_options({"memory_budget": b}))
+        other = ckptfx.plan_remat(joint, RematConfig.from_options({"memory_budget": b, **saved}))
         assert other.saved_bytes >= least.saved_bytes
 
 
-def test_less_budget_never_costs_less_recompute():
+@pytest.mark.parametrize("kind", ["saved", "peak"])
+def test_less_budget_never_costs_less_recompute(kind):
     joint = _joint()
     costs = []
     for b in (1.0, 0.8, 0.6, 0.5, 0.4, 0.0):
-        _, _, report = ckptfx.apply_plan(
-            joint, ckptfx.plan_remat(joint, RematConfig.from_options({"memory_budget": b})))
+        _, _, report = ckptfx.apply_plan(joint, ckptfx.plan_remat(
+            joint, RematConfig.from_options({"memory_budget": b, "budget_kind": kind})))
         costs.append(report.extra_cost_s)
     assert costs == sorted(costs)
-    assert costs[-1] > costs[0]
+    if kind == "saved":  # this graph's least peak is its no-budget plan's: nothing to trade
+        assert costs[-1] > costs[0]
     # 1.0 is what the pass keeps without a budget (Note [Budget fractions])
     default = ckptfx.plan_remat(joint)
-    one = ckptfx.plan_remat(joint, RematConfig.from_options({"memory_budget": 1.0}))
-    assert one.budget_bytes == default.saved_bytes and one.saved_bytes <= default.saved_bytes
+    one = ckptfx.plan_remat(joint, RematConfig.from_options({"memory_budget": 1.0,
+                                                             "budget_kind": kind}))
+    if kind == "saved":
+        assert one.budget_bytes == default.saved_bytes and one.saved_bytes <= default.saved_bytes
+    else:  # the no-budget plan itself
+        assert one.saved == default.saved and one.budget_bytes == one.predicted_peak_bytes
 
 
 def test_infeasible_budget_warns_or_raises(caplog):
     joint = _joint()
     with caplog.at_level(logging.WARNING, logger="ckptfx"):
-        plan = ckptfx.plan_remat(joint, RematConfig.from_options({"memory_budget": "1KiB"}))
+        plan = ckptfx.plan_remat(joint, RematConfig.from_options({"memory_budget": "1KiB",
+                                                                  "budget_kind": "saved"}))
     assert not plan.feasible and plan.saved_bytes == 3 * 64 * KIB  # the closest plan
     assert any("cannot be met" in r.getMessage() for r in caplog.records)
     with pytest.raises(InfeasibleBudgetError) as info:
-        ckptfx.plan_remat(joint, RematConfig.from_options({"memory_budget": "1KiB", "strict": True}))
+        ckptfx.plan_remat(joint, RematConfig.from_options({"memory_budget": "1KiB", "strict": True,
+                                                           "budget_kind": "saved"}))
     assert info.value.smallest_bytes == 3 * 64 * KIB and info.value.budget_bytes == 1024
     assert "memory_budget" in str(info.value)
 
@@ -122,9 +131,14 @@ def test_peak_budget_is_met_by_simulated_peak():
 def test_pareto_frontier_rows():
     rows = ckptfx.pareto(_joint(), budgets=(1.0, 0.6, 0.4, 0.0))
     assert [r.budget for r in rows] == ["1.0", "0.6", "0.4", "0.0"]
-    saved = [r.saved_bytes for r in rows]
+    peaks = [r.predicted_peak_bytes for r in rows]  # a peak budget by default
+    assert peaks == sorted(peaks, reverse=True)
+    saved_kind = ckptfx.pareto(_joint(), budgets=(1.0, 0.6, 0.4, 0.0),
+                               config=RematConfig(solver="budget", budget_kind="saved",
+                                                  memory_budget=1.0))
+    saved = [r.saved_bytes for r in saved_kind]
     assert saved == sorted(saved, reverse=True)
-    flops = [r.extra_flops for r in rows]
+    flops = [r.extra_flops for r in saved_kind]
     assert flops == sorted(flops) and flops[-1] > flops[0]
     assert all(r.predicted_peak_bytes is not None for r in rows)
     from ckptfx.frontier import format_frontier

@@ -216,7 +216,8 @@ def test_mlp_k_equal_n_keeps_one_checkpoint(joints):
 
 
 def test_uniform_composes_with_a_memory_budget(joints):
-    planned = plan(joints[6], ckptfx.RematConfig(policy="uniform", memory_budget=1.0))
+    planned = plan(joints[6], ckptfx.RematConfig(policy="uniform", memory_budget=1.0,
+                                                     budget_kind="saved"))
     assert planned.plan.solver == "uniform"
     assert "budget planned the rest" in planned.plan.notes[0]
     assert planned.plan.saved_bytes == 4 * B  # k = 2: the same checkpoints; nothing else fits

@@ -99,6 +99,8 @@ class SolveProblem:
         time_limit_s: wall-clock limit for exact solvers, seconds.
         layers: optional block structure for layer-wise solvers: tuple of tuples of node names,
             one tuple per repeated block, in forward order.
+        layers_from: where ``layers`` came from (``"module paths"`` or ``"structure"``;
+            ``""`` without layers), for reports.
     """
 
     nodes: tuple[ProblemNode, ...]
@@ -106,6 +108,7 @@ class SolveProblem:
     budget_kind: Literal["saved", "peak"] = "saved"
     time_limit_s: float = 10.0
     layers: tuple[tuple[str, ...], ...] = ()
+    layers_from: str = ""
 
     def by_name(self) -> dict[str, ProblemNode]:
         """Returns a name -> node map (a fresh dict)."""

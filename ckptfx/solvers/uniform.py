@@ -140,31 +140,59 @@ def uniform_constraints(problem: SolveProblem, k: int) -> tuple[SolveProblem, Un
                         if (i + 1) % k == 0)
     save = {name for _, outs in checkpoints for name in outs}
     in_blocks = {name for block in layers for name in block}
+    block_of = {name: i for i, outs in checkpoints for name in outs}
+    reasons = {name: f"uniform: checkpoint, output of block {block_of[name]} (one every {k} "
+                     f"blocks)" for name in save}
+    constrained, forced_save, forced_recompute = constrain_blocks(
+        problem, save, in_blocks, reasons,
+        f"uniform: inside a segment of {k} blocks, recomputed from its checkpoint")
+    layout = UniformLayout(k, checkpoints, forced_save, forced_recompute)
+    return constrained, layout
+
+
+def constrain_blocks(problem: SolveProblem, save: set[str], interior: set[str],
+                     save_reasons: dict[str, str], recompute_reason: str
+                     ) -> tuple[SolveProblem, frozenset[str], frozenset[str]]:
+    """Forces ``save`` saved and the rest of ``interior`` recomputed (pure data).
+
+    A node keeps a constraint it already has (a policy's MUST vote, a primal); a node is
+    forced saved only if it can be saved, and forced recomputed only when everything it
+    reads stays obtainable in the backward, so the constraints never make a feasible problem
+    infeasible. A backward-native node computed from a forced-recomputed node is forced
+    recomputed too, so no solver can keep the interior by another name.
+
+    Args:
+        problem: the problem.
+        save: names to force saved (forward nodes).
+        interior: names to force recomputed unless in ``save``.
+        save_reasons: per name of ``save``, the reason reports give.
+        recompute_reason: the reason of every forced recompute.
+
+    Returns:
+        (the constrained problem, names forced saved, names forced recomputed).
+    """
     forced_save: set[str] = set()
     forced_recompute: set[str] = set()
     avail: dict[str, bool] = {}
     for node in problem.nodes:
         free = node.force is None and not node.is_input
-        interior = node.name in in_blocks or (  # or backward-native, derived from the interior
+        inside = node.name in interior or (  # or backward-native, derived from the interior
             not node.in_forward and any(i in forced_recompute for i in node.inputs))
         if free and node.in_forward and node.name in save and node.can_save:
             forced_save.add(node.name)
-        elif (free and interior and node.name not in save and node.can_recompute
+        elif (free and inside and node.name not in save and node.can_recompute
               and all(avail.get(i, True) for i in node.inputs)):
             forced_recompute.add(node.name)
         avail[node.name] = _available(node, forced_recompute, avail)
-    block_of = {name: i for i, outs in checkpoints for name in outs}
     nodes = []
     for node in problem.nodes:
         if node.name in forced_save:
-            node = dataclasses.replace(node, force=Force.SAVE, reason=f"uniform: checkpoint, output "
-                                       f"of block {block_of[node.name]} (one every {k} blocks)")
+            node = dataclasses.replace(node, force=Force.SAVE, reason=save_reasons[node.name])
         elif node.name in forced_recompute:
-            node = dataclasses.replace(node, force=Force.RECOMPUTE, reason="uniform: inside a "
-                                       f"segment of {k} blocks, recomputed from its checkpoint")
+            node = dataclasses.replace(node, force=Force.RECOMPUTE, reason=recompute_reason)
         nodes.append(node)
-    layout = UniformLayout(k, checkpoints, frozenset(forced_save), frozenset(forced_recompute))
-    return dataclasses.replace(problem, nodes=tuple(nodes)), layout
+    return (dataclasses.replace(problem, nodes=tuple(nodes)), frozenset(forced_save),
+            frozenset(forced_recompute))
 
 
 class UniformSolver:
