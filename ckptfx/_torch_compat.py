@@ -528,3 +528,22 @@ def trace_structured_artifact(name: str, payload_fn) -> None:
 
     trace_structured("artifact", metadata_fn=lambda: {"name": name, "encoding": "json"},
                      payload_fn=payload_fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _passthrough_class(cls: type) -> type:
+    from torch._dynamo.exc import ShortenTraceback
+
+    return type(cls.__name__, (cls, ShortenTraceback), {"__module__": cls.__module__})
+
+
+def dynamo_passthrough(exc: Exception) -> Exception:
+    """``exc`` as an instance of a subclass of its own class that Dynamo re-raises as is
+    (it wraps any other backend error in ``BackendCompilerFailed``), so the caller of a
+    compiled function can catch it by its own class. Same message and attributes."""
+    cls = _passthrough_class(type(exc))
+    out = cls.__new__(cls)
+    out.args = exc.args
+    out.__dict__.update(exc.__dict__)
+    out.first_useful_frame = None  # ShortenTraceback: keep the whole traceback
+    return out

@@ -287,14 +287,21 @@ def ckpt_backend(gm, example_inputs, options: dict[str, Any] | None = None, **kw
         options: the ``options=`` of torch.compile (RematConfig fields).
 
     Raises:
-        ConfigError: an unknown option or a bad value (names it and the allowed values).
+        ConfigError: an unknown option or a bad value (names it and the allowed values),
+            raised through Dynamo unwrapped (not as ``BackendCompilerFailed``), so
+            ``except ckptfx.ConfigError`` around the first call of the compiled model
+            catches it.
     """
-    if kwargs.get("mode") is not None:
-        from ckptfx.errors import ConfigError
+    from ckptfx import _torch_compat as compat
+    from ckptfx.errors import ConfigError
 
-        raise ConfigError(f"mode={kwargs['mode']!r} is not supported by backend 'ckpt'; "
-                          f"pass options={{...}} instead (see RematConfig)")
-    config = RematConfig.from_options(options)
+    try:
+        if kwargs.get("mode") is not None:
+            raise ConfigError(f"mode={kwargs['mode']!r} is not supported by backend 'ckpt'; "
+                              f"pass options={{...}} instead (see RematConfig)")
+        config = RematConfig.from_options(options)
+    except ConfigError as exc:
+        raise compat.dynamo_passthrough(exc) from None
     entry = _SHARED.get(id(options))
     if entry is None or entry[0] is not options:
         entry = _SHARED[id(options)] = (options, CkptBackend(config))

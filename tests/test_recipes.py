@@ -1,4 +1,5 @@
-"""Recipes from the README: transformers' Trainer with backend="ckpt", and RNNs."""
+"""Recipes from the README: transformers' Trainer with backend="ckpt", RNNs, and a bad
+``options=`` caught as ckptfx.ConfigError."""
 
 from __future__ import annotations
 
@@ -8,8 +9,15 @@ import torch
 import ckptfx
 from ckptfx.capture import capture_joints
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate")  # the Trainer needs it
+
+
+def test_bad_options_under_backend_ckpt_are_a_config_error_at_the_first_call():
+    torch._dynamo.reset()
+    compiled = torch.compile(torch.nn.Linear(4, 4), backend="ckpt",
+                             options={"memory_budget": "lots"})
+    with pytest.raises(ckptfx.ConfigError, match="memory_budget='lots'"):
+        compiled(torch.randn(2, 4)).sum().backward()
+    torch._dynamo.reset()
 
 
 class _Ids(torch.utils.data.Dataset):
@@ -26,6 +34,8 @@ class _Ids(torch.utils.data.Dataset):
 
 def _train(tmp_path, options):
     """Two Trainer steps of a one-layer LLaMA; ``options`` None trains eagerly."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # the Trainer needs it
     cfg = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=2,
                                    num_key_value_heads=2, intermediate_size=128, vocab_size=128,
                                    max_position_embeddings=64)
