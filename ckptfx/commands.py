@@ -121,8 +121,11 @@ def report(args) -> int:
 
 
 def _title(args, rep) -> str:
+    from ckptfx.report_text import budget_words
+
     name = args.target or (f"--hf {args.hf}" if args.hf else "gpt")
-    return f"{name}: memory through one training step (solver {rep.solver})"
+    return (f"{name}: memory through one training step (policy {rep.policy or 'none'}, "
+            f"solver {rep.solver}, budget {budget_words(rep)})")
 
 
 def _write_json(path: str, data: dict) -> None:

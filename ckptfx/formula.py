@@ -8,11 +8,13 @@ it for (Note [Symbol names]); ``SizeFormula.evaluate(batch=..., seq=...)`` gives
 sizes without compiling again.
 
 Note [Symbol names]
-    Dynamo records where each size symbol came from (``L['ids'].size()[1]``). Dimension 0 of
-    an input is named ``batch``, dimension 1 ``seq``, any other ``<input>_<dim>``; when two
-    different symbols would get one name (two inputs with independent batch sizes), both take
-    ``<input>_<dim>``. Symbols with no input source keep Dynamo's name (``s3``), and
-    ``evaluate`` accepts Dynamo's names too.
+    Dynamo records where each size symbol came from (``L['ids'].size()[1]``,
+    ``L['kwargs']['input_ids'].size()[0]``, ``L['logits_to_keep']``); sources are shown as the
+    user's code names them (``ids.shape[1]``, :func:`ckptfx.report_text.readable_source`).
+    Dimension 0 of an input is named ``batch``, dimension 1 ``seq``, any other
+    ``<input>_<dim>``; an int input keeps its own name (``logits_to_keep``); when two different
+    symbols would get one name (two inputs with independent batch sizes), both take
+    ``<input>_<dim>``. Other symbols keep Dynamo's name (``s3``).
 
 Note [Peak formula]
     The peak is a maximum over the ops of the step, and which op peaks can change with the
@@ -34,7 +36,7 @@ import sympy
 from ckptfx.errors import ConfigError
 
 MAX_CANDIDATES = 48
-_SOURCE_RE = re.compile(r"^L\['(\w+)'\]((?:\[\d+\])*)\.size\(\)\[(\d+)\]$")
+_SHAPE_RE = re.compile(r"^(\w+(?:\[\d+\])*)\.shape\[(\d+)\]$")
 _DIM_NAMES = {0: "batch", 1: "seq"}
 
 
@@ -105,29 +107,22 @@ def _at(subs: dict[sympy.Symbol, int]):
 def symbol_names(shape_env) -> dict[sympy.Symbol, str]:
     """Names for the size symbols of a ShapeEnv (Note [Symbol names])."""
     from ckptfx import _torch_compat as compat
+    from ckptfx.report_text import readable_source
 
     named: dict[sympy.Symbol, tuple[str, str]] = {}
     for sym, sources in compat.symbol_sources(shape_env).items():
         for src in sources:
-            m = _SOURCE_RE.match(src)
-            if m:
-                dim, arg = int(m.group(3)), _arg_name(m)
+            text = readable_source(src)
+            m = _SHAPE_RE.match(text)
+            if m:  # a dimension of an input tensor
+                dim, arg = int(m.group(2)), re.sub(r"\W+", "_", m.group(1)).strip("_")
                 named[sym] = (_DIM_NAMES.get(dim, f"{arg}_{dim}"), f"{arg}_{dim}")
+                break
+            if text.isidentifier():  # an int input (``logits_to_keep``)
+                named[sym] = (text, text)
                 break
     counts = collections.Counter(short for short, _ in named.values())
     return {sym: short if counts[short] == 1 else full for sym, (short, full) in named.items()}
-
-
-def _arg_name(m: re.Match) -> str:
-    """``ids`` for ``L['ids']``; ``args_0`` for ``L['args'][0]`` (a positional input)."""
-    return m.group(1) + "".join(f"_{i}" for i in re.findall(r"\d+", m.group(2)))
-
-
-def _readable(source: str) -> str:
-    """``L['ids'].size()[1]`` -> ``ids.shape[1]``, ``L['args'][0].size()[0]`` ->
-    ``args[0].shape[0]``; other sources unchanged."""
-    m = _SOURCE_RE.match(source)
-    return f"{m.group(1)}{m.group(2)}.shape[{m.group(3)}]" if m else source
 
 
 def _sum(keys, exprs) -> sympy.Expr:
@@ -146,7 +141,7 @@ def _dominated(a: sympy.Expr, b: sympy.Expr, syms) -> bool:
         return False
 
 
-def size_formula(st, shape_env, hints=None) -> SizeFormula | None:
+def size_formula(st, shape_env, hints=None, saved_expr=None) -> SizeFormula | None:
     """The SizeFormula of a simulated step, or None when its sizes are all static.
 
     Args:
@@ -154,6 +149,9 @@ def size_formula(st, shape_env, hints=None) -> SizeFormula | None:
         shape_env: the graphs' ShapeEnv (names the symbols).
         hints: the SizeHints ``st`` was evaluated with (the traced sizes, including the
             values assumed for data-dependent sizes); default: the ShapeEnv's backed hints.
+        saved_expr: the saved bytes as the plan counts them (activations, and the inputs
+            and sizes the backward reads; :func:`ckptfx.report.build_report` passes it);
+            default: the simulation's saved bytes, which leave graph inputs out.
     """
     live = [s.live_bytes for s in st.steps]
     if not live:
@@ -163,7 +161,7 @@ def size_formula(st, shape_env, hints=None) -> SizeFormula | None:
              and (i == len(live) - 1 or live[i] >= live[i + 1])]
     local = sorted(set(local) | {peak_i}, key=lambda i: -live[i])[:MAX_CANDIDATES]
     exprs = {i: _sum(st.live[i], st.exprs) for i in local}
-    saved = sympy.expand(st.saved_expr)
+    saved = sympy.expand(st.saved_expr if saved_expr is None else saved_expr)
     syms = set(saved.free_symbols).union(*(e.free_symbols for e in exprs.values()))
     if not syms:
         return None
@@ -176,7 +174,10 @@ def size_formula(st, shape_env, hints=None) -> SizeFormula | None:
     for i in local:  # largest first: a later one is dropped when a kept one dominates it
         if exprs[i] not in kept and not any(_dominated(exprs[i], k, syms) for k in kept):
             kept.append(exprs[i])
-    sources = {s: _readable((v or [str(s)])[0]) for s, v in compat.symbol_sources(shape_env).items()}
+    from ckptfx.report_text import readable_source
+
+    sources = {s: readable_source((v or [str(s)])[0])
+               for s, v in compat.symbol_sources(shape_env).items()}
     return SizeFormula(
         saved=str(saved.xreplace(rename)),
         peak=str(exprs[peak_i].xreplace(rename)),

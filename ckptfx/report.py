@@ -74,6 +74,13 @@ class RematReport:
             symbolic sizes), or None; see :meth:`evaluate`.
         timeline: live bytes through the step for this plan, no recompute and PyTorch's
             partitioner (:func:`ckptfx.timeline.memory_timeline`), or None.
+        policy: the policy the plan was made under ("" for none or a hand-built plan).
+        budget_kind: what ``budget_bytes`` bounds: ``"saved"`` bytes or the ``"peak"`` (""
+            without a budget).
+
+    ``saved_bytes`` counts activations and the inputs and sizes the backward reads, not
+    parameters (as the budget counts them); ``formula.saved`` counts the same.
+    ``predicted_peak_bytes`` and the timeline count neither parameters nor inputs.
     """
 
     graph_id: int
@@ -95,6 +102,8 @@ class RematReport:
     notes: tuple[str, ...] = ()
     formula: Any = None
     timeline: Any = None
+    policy: str = ""
+    budget_kind: str = ""
 
     @property
     def gap(self) -> float | None:
@@ -148,13 +157,14 @@ class RematReport:
         return self.formula.evaluate(**sizes)
 
     def summary(self) -> str:
-        """One line: solver, saved and peak MiB, recomputed ops."""
-        from ckptfx.report_text import size
+        """One line: policy, solver, budget, saved and peak bytes, recomputed ops."""
+        from ckptfx.report_text import budget_words, size
 
         peak = (f", predicted peak {size(self.predicted_peak_bytes)}"
                 if self.predicted_peak_bytes is not None else "")
         fb = f" (fallback: {self.fallback})" if self.fallback else ""
-        return (f"ckptfx graph {self.graph_id}: solver={self.solver}{fb}, saved "
+        return (f"ckptfx graph {self.graph_id}: policy={self.policy or 'none'}, "
+                f"solver={self.solver}, budget={budget_words(self)}{fb}, saved "
                 f"{size(self.saved_bytes)} of {size(self.saved_bytes_no_remat)}"
                 f"{peak}, {len(self.recomputed)} ops recomputed")
 
@@ -173,7 +183,7 @@ class RematReport:
         Returns:
             The matplotlib Figure.
         """
-        from ckptfx.report_text import pyplot, short_module
+        from ckptfx.report_text import byte_unit, flops, pyplot, size, user_path
 
         plt = pyplot()
 
@@ -185,17 +195,20 @@ class RematReport:
 
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
         by_module = any(s.module for s in self.saved)  # graphs traced without Dynamo have none
-        saved = group(self.saved, lambda s: short_module(s.module) if by_module else s.op,
-                      lambda s: s.nbytes / 2 ** 20)
+        unit, scale = byte_unit(max([s.nbytes for s in self.saved] + [1]))
+        saved = group(self.saved, lambda s: user_path(s.module) if by_module else s.op,
+                      lambda s: s.nbytes / scale)
         ax1.barh([k for k, _ in saved][::-1], [v for _, v in saved][::-1], color="tab:blue")
-        ax1.set_xlabel(f"saved for backward (MiB), by {'module' if by_module else 'op'}")
-        ax1.set_title(f"saved: {self.saved_bytes / 2**20:.1f} of "
-                      f"{self.saved_bytes_no_remat / 2**20:.1f} MiB")
+        ax1.set_xlabel(f"saved for backward ({unit}), by {'module' if by_module else 'op'}")
+        ax1.set_title(f"saved: {size(self.saved_bytes)} of {size(self.saved_bytes_no_remat)}")
         rec = group(self.recomputed, lambda r: r.op, lambda r: r.flops / 1e6)
         ax2.barh([k for k, _ in rec][::-1], [v for _, v in rec][::-1], color="tab:orange")
         ax2.set_xlabel("recompute work (MFLOP)")
-        ax2.set_title(f"recomputed: {len(self.recomputed)} ops, {self.extra_flops / 1e6:.1f} MFLOP")
-        fig.suptitle(f"ckptfx graph {self.graph_id} ({self.solver})")
+        ax2.set_title(f"recomputed: {len(self.recomputed)} ops, {flops(self.extra_flops)}")
+        from ckptfx.report_text import budget_words
+
+        fig.suptitle(f"ckptfx graph {self.graph_id}: policy={self.policy or 'none'}, "
+                     f"solver={self.solver}, budget={budget_words(self)}")
         fig.tight_layout()
         if path is not None:
             fig.savefig(path, dpi=100)
@@ -218,12 +231,15 @@ def build_report(graph_id: int, plan, plan_time_s: float,
         joint: the JointGraph: with ``graphs`` and symbolic sizes, the formula (optional).
         graphs: the emitted (fw, bw) (optional).
     """
+    from ckptfx.report_text import user_path
+
     def value(name: str, kind):
         d = plan.decisions[name]
+        module = user_path(d.module)  # as the user writes it, not Dynamo's L['self'].x
         if kind is SavedValue:
-            return SavedValue(name, d.op or name, d.nbytes, d.module, d.reason, d.source,
+            return SavedValue(name, d.op or name, d.nbytes, module, d.reason, d.source,
                               d.detail)
-        return RecomputedValue(name, d.op or name, d.flops, d.cost_s, d.module, d.reason,
+        return RecomputedValue(name, d.op or name, d.flops, d.cost_s, module, d.reason,
                                d.source, d.detail)
 
     saved = tuple(value(s, SavedValue) for s in plan.saved)
@@ -235,7 +251,22 @@ def build_report(graph_id: int, plan, plan_time_s: float,
         extra_cost_s=sum(r.cost_s for r in recomputed), solve_time_s=plan.solve_time_s,
         plan_time_s=plan_time_s, objective=plan.objective, lower_bound=plan.lower_bound,
         predicted_peak_bytes=predicted_peak, feasible=plan.feasible, fallback=fallback,
-        notes=plan.notes + _module_note(plan), formula=_formula(joint, graphs, plan.hints))
+        notes=plan.notes + _module_note(plan), formula=_formula(joint, graphs, plan),
+        policy=policy_name(getattr(plan.config, "policy", None)),
+        budget_kind=(plan.config.effective_budget_kind
+                     if plan.budget_bytes is not None and plan.config is not None
+                     else "saved" if plan.budget_bytes is not None else ""))
+
+
+def policy_name(policy: Any) -> str:
+    """A policy option in a few words: a built-in's name, a policy object's class name, a
+    function's name ("" for None)."""
+    if policy is None:
+        return ""
+    if isinstance(policy, str):
+        return policy
+    name = getattr(policy, "__name__", None) or type(policy).__name__
+    return "a custom function" if name == "<lambda>" else name
 
 
 def _module_note(plan) -> tuple[str, ...]:
@@ -246,11 +277,32 @@ def _module_note(plan) -> tuple[str, ...]:
             "use torch.compile or ckptfx.capture.capture_joints",)
 
 
-def _formula(joint, graphs, hints):
+def _saved_expr(joint, plan):
+    """The plan's saved bytes as an expression in the size symbols, counted as the plan
+    counts them: each saved value with bytes (a parameter counts 0), its value's bytes."""
+    import sympy
+
+    from ckptfx.analysis.sizes import value_bytes
+
+    nodes = {n.name: n for n in joint.graph.nodes}
+    terms = []
+    for name in plan.saved:
+        d = plan.decisions[name]
+        if d.nbytes <= 0:
+            continue
+        val = nodes[name].meta.get("val") if name in nodes else None
+        expr = value_bytes(val) if val is not None else sympy.Integer(d.nbytes)
+        terms.append(expr if plan.hints is None or plan.hints.evaluate(expr) == d.nbytes
+                     else sympy.Integer(d.nbytes))  # counted otherwise by the plan: its bytes
+    return sympy.Add(*terms) if terms else sympy.Integer(0)
+
+
+def _formula(joint, graphs, plan):
     """The SizeFormula of the emitted graphs when their sizes are symbolic, else None (a
     failure is logged, never raised: the report is informative)."""
     if joint is None or graphs is None:
         return None
+    hints = plan.hints
     from ckptfx import _torch_compat as compat
 
     shape_env = compat.shape_env_of(joint.graph)
@@ -262,7 +314,8 @@ def _formula(joint, graphs, hints):
     from ckptfx.memory import storage_timeline
 
     try:
-        return size_formula(storage_timeline(*graphs, hints), shape_env, hints)
+        return size_formula(storage_timeline(*graphs, hints), shape_env, hints,
+                            saved_expr=_saved_expr(joint, plan))
     except Exception as exc:  # informative only
         logging.getLogger("ckptfx").debug("ckptfx: no size formula (%s: %s)",
                                           type(exc).__name__, exc)

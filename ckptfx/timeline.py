@@ -65,11 +65,15 @@ class Timeline:
         curves: one Curve per partition.
         budget_bytes: the plan's budget, bytes, or None.
         budget_kind: what the budget bounds: ``"saved"`` bytes or the ``"peak"``.
+        plan_saved_bytes: what the plan keeps for the backward counted as a saved-bytes budget
+            counts it (activations, inputs and sizes the backward reads), bytes, or None.
+            A curve's ``saved_bytes`` leaves inputs out, as its live bytes do.
     """
 
     curves: tuple[Curve, ...]
     budget_bytes: int | None = None
     budget_kind: str = "saved"
+    plan_saved_bytes: int | None = None
 
     def curve(self, name: str) -> Curve:
         """The curve named ``name``.
@@ -85,7 +89,8 @@ class Timeline:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Timeline":
         curves = tuple(Curve(**{**c, "live_bytes": tuple(c["live_bytes"])}) for c in d["curves"])
-        return cls(curves, d.get("budget_bytes"), d.get("budget_kind", "saved"))
+        return cls(curves, d.get("budget_bytes"), d.get("budget_kind", "saved"),
+                   d.get("plan_saved_bytes"))
 
 
 def curve_of(name: str, fw, bw, hints=None, meta: dict[str, dict] | None = None) -> Curve:
@@ -112,7 +117,7 @@ def peak_label(st, idx: int, meta: dict[str, dict]) -> str:
     tensors (how many kept from the forward, how many are gradients), and the largest of
     them with its module."""
     from ckptfx.memory import BACKWARD, FORWARD
-    from ckptfx.report_text import short_module
+    from ckptfx.report_text import size, user_path
 
     step = st.steps[idx]
     live = [k for k in st.live[idx] if st.nbytes[k] > 0]
@@ -125,10 +130,10 @@ def peak_label(st, idx: int, meta: dict[str, dict]) -> str:
     if kinds:
         words += f" ({', '.join(kinds)})"
     if largest is not None:
-        module = short_module(_module_path(meta.get(largest[1], {})))
+        module = user_path(_module_path(meta.get(largest[1], {})))
         where = f" in {module}" if module else ""
         kind = " (a gradient)" if largest in st.gradients else ""
-        words += f"; largest {largest[1]}{kind}{where}, {st.nbytes[largest] / 2 ** 20:.1f} MiB"
+        words += f"; largest {largest[1]}{kind}{where}, {size(st.nbytes[largest])}"
     return words
 
 
@@ -201,19 +206,28 @@ def memory_timeline(joint, plan, config=None, graphs: Sequence[Any] | None = Non
     theirs = torch_graphs(joint)
     if theirs is not None:
         curves.append(curve_of(TORCH, *theirs, hints, meta))
-    return Timeline(tuple(curves), plan.budget_bytes, config.budget_kind)
+    kind = config.effective_budget_kind if plan.budget_bytes is not None else "saved"
+    return Timeline(tuple(curves), plan.budget_bytes, kind, plan.saved_bytes)
 
 
-def _budget_line(ax, timeline: Timeline) -> None:
-    """A peak budget spans the step; a saved-bytes budget bounds what crosses from the forward
-    to the backward, so it is drawn only around the start of the backward."""
-    mib = 2 ** 20
-    y = timeline.budget_bytes / mib
+def _budget_line(ax, timeline: Timeline, scale: int, unit: str) -> str:
+    """Draws a peak budget as a horizontal line across the step, labelled on the plot and in
+    the legend. A saved-bytes budget bounds what the forward keeps for the backward, not the
+    live bytes drawn here, so it is not drawn on this axis: the caption it returns says so."""
+    from ckptfx.report_text import size
+
     if timeline.budget_kind == "peak":
-        ax.axhline(y, color="tab:red", lw=1, ls=":", label=f"peak budget {y:.1f} MiB")
-        return
-    ax.hlines(y, 0.8, 1.2, color="tab:red", lw=1.5,
-              label=f"budget on saved bytes {y:.1f} MiB (what crosses from forward to backward)")
+        y = timeline.budget_bytes / scale
+        ax.axhline(y, color="tab:red", lw=1.2, ls=":",
+                   label=f"peak budget {size(timeline.budget_bytes)}")
+        ax.annotate(f"peak budget {size(timeline.budget_bytes)}", (0.0, y), xytext=(2, 3),
+                    textcoords="offset points", ha="left", va="bottom", color="tab:red",
+                    fontsize=8)  # at the left: the peaks, labelled on the right, are late
+        return ""
+    kept = (f" (this plan keeps {size(timeline.plan_saved_bytes)})"
+            if timeline.plan_saved_bytes is not None else "")
+    return (f"saved-bytes budget {size(timeline.budget_bytes)}: bounds what the forward keeps "
+            f"for the backward{kept}, not the live bytes above, so it is not drawn on this axis")
 
 
 def aligned_x(curve: Curve) -> list[float]:
@@ -225,9 +239,30 @@ def aligned_x(curve: Curve) -> list[float]:
             for j in range(n)]
 
 
+def _mark_peaks(ax, timeline: Timeline, scale: int, styles: dict) -> None:
+    """Marks each curve's peak with a dot and a numbered label; the labels are stacked in the
+    free band above the curves, each with an arrow to its peak, so they never overlap."""
+    from ckptfx.report_text import size
+
+    for i, c in enumerate(timeline.curves):
+        if not c.live_bytes:
+            continue
+        color = styles.get(c.name, (None, "-"))[0]
+        x, y = aligned_x(c)[c.peak_index], c.peak_bytes / scale
+        ax.plot([x], [y], "o", color=color, ms=7, zorder=3)
+        ax.annotate(f"({i + 1}) {c.name} peak {size(c.peak_bytes)}", (x, y),
+                    xytext=(0.985, 0.965 - 0.065 * i), textcoords="axes fraction", ha="right",
+                    va="top", fontsize=8.5, color=color, fontweight="bold",
+                    bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": color, "lw": 0.8},
+                    arrowprops={"arrowstyle": "->", "color": color, "lw": 0.9,
+                                "shrinkA": 2, "shrinkB": 4})
+
+
 def plot_timeline(timeline: Timeline, path: str | None = None, title: str = ""):
-    """Draws live MiB against the step's ops (forward, then backward), one line per curve,
-    the budget line, each peak marked and labelled.
+    """Draws live bytes against the step's ops (forward, then backward), one line per curve,
+    in the unit the largest figure calls for (B, KiB, MiB, GiB); a peak budget as a labelled
+    horizontal line (a saved-bytes budget, which bounds no point of these curves, in a caption);
+    each peak marked and labelled, with what is live there in the captions.
 
     Args:
         timeline: the Timeline.
@@ -237,39 +272,37 @@ def plot_timeline(timeline: Timeline, path: str | None = None, title: str = ""):
     Returns:
         The matplotlib Figure.
     """
-    from ckptfx.report_text import pyplot
+    from ckptfx.report_text import byte_unit, pyplot, size
 
     plt = pyplot()
-    mib = 2 ** 20
+    top = max([c.peak_bytes for c in timeline.curves] + [timeline.budget_bytes or 0
+               if timeline.budget_kind == "peak" else 0] + [1])
+    unit, scale = byte_unit(top)
     fig, ax = plt.subplots(figsize=(11, 6.5))
     styles = {THIS_PLAN: ("tab:blue", "-"), NO_RECOMPUTE: ("tab:gray", "--"),
               TORCH: ("tab:orange", "-.")}
     captions = []
     for i, c in enumerate(timeline.curves):
         color, ls = styles.get(c.name, (None, "-"))
-        xs = aligned_x(c)
-        ax.plot(xs, [b / mib for b in c.live_bytes], ls, color=color, lw=1.4,
-                label=f"{c.name}: peak {c.peak_bytes / mib:.1f} MiB, "
-                      f"saved {c.saved_bytes / mib:.1f} MiB")
-        if xs:
-            ax.plot([xs[c.peak_index]], [c.peak_bytes / mib], "o", color=color, ms=7)
-            ax.annotate(str(i + 1), (xs[c.peak_index], c.peak_bytes / mib), color=color,
-                        xytext=(-9 + 9 * i, 8), textcoords="offset points", ha="center",
-                        fontsize=9, fontweight="bold")
-        captions.append((f"({i + 1}) {c.name} peak, {c.peak_bytes / mib:.1f} MiB: "
-                         f"{c.peak_label}", color))
+        ax.plot(aligned_x(c), [b / scale for b in c.live_bytes], ls, color=color, lw=1.4,
+                label=f"{c.name}: peak {size(c.peak_bytes)}")
+        captions.append((f"({i + 1}) {c.name} peak, {size(c.peak_bytes)}: {c.peak_label}",
+                         color))
+    _mark_peaks(ax, timeline, scale, styles)
     if timeline.budget_bytes is not None:
-        _budget_line(ax, timeline)
+        note = _budget_line(ax, timeline, scale, unit)
+        if note:
+            captions.append((note, "tab:red"))
     ax.axvline(1.0, color="black", lw=0.6, ls=":")
     ax.set_xticks([0, 0.5, 1, 1.5, 2], ["forward starts", "", "backward starts", "", "step ends"])
+    ax.set_xlim(-0.02, 2.02)
     ax.set_xlabel("one training step: each curve's forward ops spread over 0..1, its backward "
                   "ops over 1..2")
-    ax.set_ylabel("live MiB (parameters and inputs excluded)")
-    top = max([c.peak_bytes for c in timeline.curves] + [timeline.budget_bytes or 0])
-    ax.set_ylim(0, max(top, 1) / mib * 1.3)
+    ax.set_ylabel(f"live {unit} (parameters and inputs not counted)")
+    ax.set_ylim(0, top / scale * (1.2 + 0.065 * len(timeline.curves)))
     ax.set_title(title or "memory through one training step")
     ax.legend(loc="upper left", fontsize=8)
-    fig.subplots_adjust(left=0.07, right=0.98, top=0.93, bottom=0.1 + 0.035 * len(captions))
+    fig.subplots_adjust(left=0.07, right=0.96, top=0.93, bottom=0.1 + 0.035 * len(captions))
     for j, (text, color) in enumerate(captions):
         fig.text(0.07, 0.015 + 0.03 * (len(captions) - 1 - j), text, fontsize=8, color=color)
     if path is not None:

@@ -43,3 +43,22 @@ def lstm():
 def shape_bug():
     """A model whose forward fails on its own example input (a shape mismatch)."""
     return nn.Linear(4, 4), torch.randn(2, 5)
+
+
+class KeepLast(nn.Module):
+    """Embeds ids and keeps the last ``keep`` positions (a transformers-style int input)."""
+
+    def __init__(self, vocab: int = 64, width: int = 16) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.head = nn.Linear(width, width)
+
+    def forward(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
+        h = self.head(self.emb(ids))[:, -keep:].contiguous()
+        return h.sin().sum()
+
+
+def keep_last(batch: int = 2, seq: int = 8):
+    """(model, keyword inputs) of :class:`KeepLast`."""
+    torch.manual_seed(0)
+    return KeepLast(), {"ids": torch.randint(0, 64, (batch, seq)), "keep": 4}
