@@ -92,8 +92,9 @@ def _plan_args(p: argparse.ArgumentParser, budget: bool = True) -> None:
         p.add_argument("--budget", default=None,
                        help="memory_budget: a fraction like 0.5 (0 = least memory, 1 = no "
                             "budget) or a size with its unit like 64MiB")
-        p.add_argument("--budget-kind", default=None, choices=["saved", "peak"],
-                       help="what --budget bounds: saved bytes (default) or the step's peak")
+    p.add_argument("--budget-kind", default=None, choices=["saved", "peak"],
+                   help="what the budget bounds: the bytes saved for the backward, or the "
+                        "step's peak (default: ckptfx's memory_budget default)")
     p.add_argument("--solver", default=None,
                    choices=["auto", "mincut", "budget", "greedy", "uniform"])
     p.add_argument("--policy", default=None,
@@ -197,11 +198,14 @@ def check_output(path: str | None, option: str, plot: bool = False) -> None:
             raise UsageError(f"{option} needs matplotlib: pip install 'ckptfx[plot]'")
 
 
-def options_of(args) -> dict:
-    """RematConfig options from the parsed arguments, validated.
+def options_of(args, budgets=()) -> dict:
+    """RematConfig options from the parsed arguments, validated as the command will run
+    them: with ``--budget``, or (``frontier``) with each of ``budgets`` in turn, so that a
+    bad combination fails before the model is built.
 
     Raises:
-        ConfigError: a bad budget, policy or combination.
+        ConfigError: a bad budget, policy or combination (a solver that takes no budget
+            given one).
     """
     from ckptfx.config import RematConfig
 
@@ -214,8 +218,34 @@ def options_of(args) -> dict:
         options["solver"] = args.solver
     if args.policy is not None:
         options["policy"] = args.policy
-    RematConfig.from_options(options)  # raises ConfigError naming the option
+    for budget in budgets or (None,):
+        run = {"solver": "budget", **options, "memory_budget": budget} if budgets else options
+        check_combination(RematConfig.from_options(run))  # ConfigError naming the option
     return options
+
+
+def check_combination(config) -> None:
+    """Refuses, before any work, a memory budget for a solver that takes none (the
+    min-cut finds the fewest saved bytes whatever the budget).
+
+    Raises:
+        ConfigError: names the solver and the options that would work.
+    """
+    from ckptfx.config import MemoryBudget
+    from ckptfx.errors import ConfigError
+    from ckptfx.planner import select_solver
+    from ckptfx.solvers import registry
+
+    if config.memory_budget is None:
+        return
+    name, kwargs = select_solver(config)
+    if not getattr(registry.get(name, **kwargs), "takes_budget", True):
+        given = config.memory_budget
+        shown = str(given) if isinstance(given, MemoryBudget) else repr(given)
+        raise ConfigError(
+            f"--solver {name} finds the fewest saved bytes and takes no budget (got "
+            f"{shown}); drop --solver (auto: min-cut without a budget, the budget MILP with "
+            f"one) or use --solver budget, greedy or uniform")
 
 
 def validate(args) -> None:
@@ -236,7 +266,7 @@ def validate(args) -> None:
         for b in budgets:
             _cli_budget(b, "--budgets")
         args.budget_values = [budget_value(b) for b in budgets]
-    args.options = options_of(args)
+    args.options = options_of(args, getattr(args, "budget_values", ()))
 
 
 def main(argv: list[str] | None = None) -> int:

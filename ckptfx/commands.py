@@ -96,7 +96,10 @@ def plan_graph(joint, options: dict, graph_id: int, with_timeline: bool = True):
 
 
 def report(args) -> int:
+    from ckptfx.config import RematConfig
+
     options = args.options
+    _print_combination_note(RematConfig.from_options(options), "--budget")
     joints = capture(args)
     reports = []
     for i, joint in enumerate(joints):
@@ -136,25 +139,106 @@ def _write_json(path: str, data: dict) -> None:
 
 def frontier(args) -> int:
     from ckptfx.config import RematConfig
-    from ckptfx.frontier import format_frontier, pareto, plot_frontier
+    from ckptfx.frontier import pareto, plot_frontier
+    from ckptfx.report_text import frontier_table
 
-    options = {"solver": "budget", **args.options}
     budgets = args.budget_values
+    # the first budget makes the base config valid (budget_kind needs a budget); pareto
+    # replaces it with each budget in turn
+    base = RematConfig.from_options({"solver": "budget", **args.options,
+                                     "memory_budget": budgets[0]})
+    _print_combination_note(base, "--budgets")
     joints = capture(args)
     results = []
     for i, joint in enumerate(joints):
         def tick(k, n, budget, i=i):
             _progress(f"graph {i + 1}/{len(joints)}: budget {budget} ({k + 1} of {n})")
 
-        rows = pareto(joint, budgets, RematConfig.from_options(options), progress=tick)
+        rows = pareto(joint, budgets, base, progress=tick)
         results.append(rows)
-        if len(joints) > 1:
-            print(f"graph {i}:")
-        print(format_frontier(rows))
+        print(f"graph {i}: {_plan_words(base)}")
+        print(frontier_table(rows))
     if args.json:
-        _write_json(args.json, {"graphs": [[dataclasses.asdict(r) for r in rows]
-                                           for rows in results]})
+        _write_json(args.json, frontier_json(results, base))
     if args.plot:
         plot_frontier(max(results, key=lambda rows: rows[0].saved_bytes), args.plot)
         print(f"plot written to {args.plot}")
     return 0
+
+
+FRONTIER_FORMAT = "ckptfx.frontier/1"
+
+
+def frontier_json(results, config) -> dict:
+    """The frontier as JSON (``--json``); its shape, ``format`` ``ckptfx.frontier/1``::
+
+        {"format": "ckptfx.frontier/1",
+         "policy": str, "solver": str, "budget_kind": "saved" | "peak",
+         "graphs": [{"graph_id": int,
+                     "points": [{"id": "g<graph>/b<index>", "budget": str,
+                                 "budget_bytes": int | null, "saved_bytes": int,
+                                 "predicted_peak_bytes": int | null, "extra_flops": int,
+                                 "extra_cost_s": float, "feasible": bool}, ...]}, ...]}
+
+    A point's ``id`` is its graph's number and its budget's position in ``--budgets``: the
+    same command gives the same ids. Bytes are bytes, ``extra_cost_s`` cost-model seconds;
+    ``saved_bytes`` counts as the report's saved line does.
+    """
+    from ckptfx.report_text import policy_name
+
+    return {
+        "format": FRONTIER_FORMAT,
+        "policy": policy_name(config.policy) or "none",
+        "solver": _solver_name(config),
+        "budget_kind": config.effective_budget_kind,
+        "graphs": [{"graph_id": g, "points": [
+            {"id": f"g{g}/b{k}", **dataclasses.asdict(r)} for k, r in enumerate(rows)]}
+            for g, rows in enumerate(results)],
+    }
+
+
+def _plan_words(config) -> str:
+    from ckptfx.report_text import policy_name
+
+    return (f"policy={policy_name(config.policy) or 'none'}, solver={_solver_name(config)}, "
+            f"budget kind={config.effective_budget_kind}")
+
+
+def _solver_name(config) -> str:
+    from ckptfx.planner import select_solver
+
+    return select_solver(config)[0]
+
+
+def _print_combination_note(config, option: str) -> None:
+    """Says how a policy and a budget combine, when both are given."""
+    note = combination_note(config, option)
+    if note:
+        print(f"note: {note}\n")
+
+
+def combination_note(config, option: str = "--budget") -> str:
+    """How a policy and a memory budget combine, in a sentence ("" unless both are set).
+
+    Args:
+        config: the RematConfig.
+        option: how the user gave the budget (``--budget``, ``--budgets``).
+    """
+    if config.policy is None or config.memory_budget is None:
+        return ""
+    from ckptfx.planner import select_solver
+    from ckptfx.policies import solver_request
+    from ckptfx.report_text import policy_name
+
+    name, kind = policy_name(config.policy), config.effective_budget_kind
+    what = ("the step's peak fits" if kind == "peak"
+            else "the bytes saved for the backward fit")
+    solver, _ = select_solver(config)
+    if solver_request(config.policy) is not None:  # a structural policy picks the solver
+        return (f"policy {name} with {option}: the policy chooses which block outputs are "
+                f"saved (solver {solver}); the rest of the graph is planned so that {what} the "
+                f"budget")
+    return (f"policy {name} with {option}: the policy's MUST votes are constraints the "
+            f"{solver} solver keeps and its PREFER votes are preferences; within them the "
+            f"solver chooses what to save so that {what} the budget. If the policy alone "
+            f"keeps more than the budget, the budget is not met and the report says so")

@@ -3,7 +3,9 @@
 ``build_hf("llama", Sizes(layers=8))`` builds ``AutoConfig.for_model("llama")`` at small
 sizes (the defaults below, or the sizes given), the model with a language-model head
 (causal, masked or seq2seq, whichever the type has), and example inputs
-``{"input_ids": ids, "labels": ids}`` so the output carries the loss.
+``{"input_ids": ids, "labels": ids}`` so the output carries the loss. Every type is built
+with ``use_cache=False``: a training step has no use for the key/value cache, and a cache
+returned from the forward would keep every layer's keys and values alive through the step.
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ def hf_config(model_type: str, sizes: Sizes):
                 "embd_pdrop", "attn_pdrop", "dropout_rate", "attention_dropout"):
         if hasattr(cfg, key):
             setattr(cfg, key, 0.0)
+    cfg.use_cache = False  # KV caches returned from forward would inflate the step's memory
+    for sub in ("text_config", "decoder"):  # composite configs carry their own flag
+        if hasattr(getattr(cfg, sub, None), "use_cache"):
+            getattr(cfg, sub).use_cache = False
     cfg.pad_token_id = getattr(cfg, "pad_token_id", None)
     if getattr(cfg, "is_encoder_decoder", False) and \
             getattr(cfg, "decoder_start_token_id", None) is None:

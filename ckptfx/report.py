@@ -231,7 +231,7 @@ def build_report(graph_id: int, plan, plan_time_s: float,
         joint: the JointGraph: with ``graphs`` and symbolic sizes, the formula (optional).
         graphs: the emitted (fw, bw) (optional).
     """
-    from ckptfx.report_text import user_path
+    from ckptfx.report_text import policy_name, user_path
 
     def value(name: str, kind):
         d = plan.decisions[name]
@@ -256,17 +256,6 @@ def build_report(graph_id: int, plan, plan_time_s: float,
         budget_kind=(plan.config.effective_budget_kind
                      if plan.budget_bytes is not None and plan.config is not None
                      else "saved" if plan.budget_bytes is not None else ""))
-
-
-def policy_name(policy: Any) -> str:
-    """A policy option in a few words: a built-in's name, a policy object's class name, a
-    function's name ("" for None)."""
-    if policy is None:
-        return ""
-    if isinstance(policy, str):
-        return policy
-    name = getattr(policy, "__name__", None) or type(policy).__name__
-    return "a custom function" if name == "<lambda>" else name
 
 
 def _module_note(plan) -> tuple[str, ...]:

@@ -139,6 +139,31 @@ def render(report) -> str:
     return "\n".join(_header(report) + _saved_rows(report) + _recomputed_rows(report))
 
 
+def policy_name(policy) -> str:
+    """A policy option in a few words: a built-in's name, a policy object's class name, a
+    function's name ("" for None)."""
+    if policy is None:
+        return ""
+    if isinstance(policy, str):
+        return policy
+    name = getattr(policy, "__name__", None) or type(policy).__name__
+    return "a custom function" if name == "<lambda>" else name
+
+
+def frontier_table(rows) -> str:
+    """A budget sweep (:func:`ckptfx.frontier.pareto`) as a text table, bytes and FLOPs in
+    the unit their magnitude calls for."""
+    head = (f"{'budget':>8}{'budget bytes':>14}{'saved':>12}{'peak':>12}{'extra work':>14}"
+            f"{'extra ms':>10}  feasible")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        bb = size(r.budget_bytes) if r.budget_bytes is not None else "-"
+        pk = size(r.predicted_peak_bytes) if r.predicted_peak_bytes is not None else "-"
+        lines.append(f"{r.budget:>8}{bb:>14}{size(r.saved_bytes):>12}{pk:>12}"
+                     f"{flops(r.extra_flops):>14}{r.extra_cost_s * 1e3:>10.3f}  {r.feasible}")
+    return "\n".join(lines)
+
+
 def pyplot():
     """matplotlib.pyplot on the Agg backend, or an ImportError that says how to install it."""
     try:

@@ -39,6 +39,7 @@ from torch import nn
 
 from ckptfx import _torch_compat as compat
 from ckptfx.analysis.sizes import SizeHints
+from ckptfx.capture import call
 from ckptfx.measure import saved_tensor_bytes
 from ckptfx.memory import BACKWARD, FORWARD, saved_inputs
 
@@ -94,8 +95,9 @@ def train(model: nn.Module, backend: Any, inputs: Any, *, steps: int = 1, seed: 
     Args:
         model: the module (not modified).
         backend: a torch.compile backend, or None for eager.
-        inputs: a tuple of positional inputs, or a dict of keyword inputs; tensors are cloned
-            every step (so in-place mutation of an input does not leak between steps).
+        inputs: a tensor (the one positional input), a tuple or list of positional inputs,
+            or a dict of keyword inputs; tensors are cloned every step (so in-place mutation
+            of an input does not leak between steps).
         steps: SGD steps.
         seed: ``torch.manual_seed`` before the first step (dropout draws).
         loss_fn: output -> scalar loss (default :func:`default_loss`).
@@ -124,7 +126,7 @@ def train(model: nn.Module, backend: Any, inputs: Any, *, steps: int = 1, seed: 
 
         def forward():
             with ctx:
-                return fn(**args) if isinstance(args, dict) else fn(*args)
+                return call(fn, args)
 
         out, saved = saved_tensor_bytes(forward, exclude=params) if meter_saved else (forward(), None)
         loss = loss_fn(out)

@@ -93,17 +93,63 @@ def test_frontier_on_a_factory_shows_progress_and_writes_json(tmp_path, capsys):
                            "--json", str(js)], capsys)
     assert code == 0, err
     assert "feasible" in out and "(2 of 2)" in err
-    rows = json.loads(js.read_text())["graphs"][0]
+    data = json.loads(js.read_text())
+    assert data["format"] == "ckptfx.frontier/1" and data["solver"] == "budget"
+    graph = data["graphs"][0]
+    rows = graph["points"]
+    assert graph["graph_id"] == 0 and [r["id"] for r in rows] == ["g0/b0", "g0/b1"]
     assert [r["budget"] for r in rows] == ["1.0", "0.0"]
     assert rows[1]["saved_bytes"] <= rows[0]["saved_bytes"]
+
+
+def test_frontier_takes_a_budget_kind(tmp_path, capsys):
+    js = tmp_path / "f.json"
+    code, out, err = _run(["frontier", "toy_models:mlp", *TINY, "--budgets", "1.0,0.5",
+                           "--budget-kind", "peak", "--json", str(js)], capsys)
+    assert code == 0, err
+    data = json.loads(js.read_text())
+    assert data["budget_kind"] == "peak" and "budget kind=peak" in out
+    for point in data["graphs"][0]["points"]:
+        if point["feasible"]:
+            assert point["predicted_peak_bytes"] <= point["budget_bytes"]
+
+
+def test_a_solver_that_takes_no_budget_is_refused_before_capture(capsys):
+    for argv in (["report", "--solver", "mincut", "--budget", "0.5"],
+                 ["frontier", "--solver", "mincut", "--budgets", "0.5"]):
+        code, out, err = _run(argv, capsys)
+        assert code == 2 and "capturing" not in err and not out
+        assert "--solver mincut" in err and "takes no budget" in err
+
+
+def test_a_policy_with_a_budget_says_how_they_combine(capsys):
+    code, out, err = _run(["report", "toy_models:mlp", *TINY, "--policy", "megatron_selective",
+                           "--budget", "0.2"], capsys)
+    assert code == 0, err
+    note = out.splitlines()[0]
+    assert note.startswith("note: policy megatron_selective with --budget")
+    assert "MUST votes are constraints" in note and "budget is not met" in note
+
+
+def test_hf_models_are_built_without_a_kv_cache():
+    pytest.importorskip("transformers")
+    from ckptfx.hf import build_hf
+    from ckptfx.target import Sizes
+
+    sizes = Sizes(layers=1, width=64, seq=8, batch=2, vocab=128)
+    for model_type in ("llama", "gpt2", "qwen2"):
+        model, inputs = build_hf(model_type, sizes)
+        assert model.config.use_cache is False
+        assert getattr(model(**inputs), "past_key_values", None) is None, model_type
 
 
 def test_report_and_frontier_on_hf_llama(tmp_path, capsys):
     pytest.importorskip("transformers")
     sizes = ["--layers", "1", "--width", "64", "--seq", "16", "--batch", "2", "--vocab", "128"]
-    code, out, err = _run(["report", "--hf", "llama", *sizes], capsys)
+    code, out, err = _run(["report", "--hf", "llama", *sizes, "--dynamic"], capsys)
     assert code == 0, err
     assert "model.layers.0" in out and "PyTorch min-cut" in out
+    assert "L[" not in out and "input_ids.shape[1]" in out
     code, out, err = _run(["frontier", "--hf", "llama", *sizes, "--budgets", "0.5"], capsys)
     assert code == 0, err
 

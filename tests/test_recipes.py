@@ -69,3 +69,28 @@ def test_a_model_dynamo_runs_eagerly_gets_a_message_naming_allow_rnn():
     lstm, x = torch.nn.LSTM(8, 8, batch_first=True), torch.randn(2, 4, 8)
     with pytest.raises(ckptfx.UnsupportedGraphError, match="allow_rnn"):
         capture_joints(lstm, (x,), loss=lambda out: out[0].sum())
+
+
+class _TwoIn(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, scale=None):
+        y = self.lin(x).tanh()
+        return y if scale is None else y * scale
+
+
+@pytest.mark.parametrize("form", ["tensor", "tuple", "dict"])
+def test_testing_train_takes_a_tensor_a_tuple_or_a_dict(form):
+    from ckptfx import testing
+
+    torch.manual_seed(0)
+    model, x, scale = _TwoIn(), torch.randn(3, 4), torch.randn(3, 4)
+    inputs = {"tensor": x, "tuple": (x, scale), "dict": {"x": x, "scale": scale}}[form]
+    torch._dynamo.reset()
+    got = testing.train(model, ckptfx.CkptBackend(inner="eager"), inputs, steps=2)
+    ref = testing.train(model, None, inputs, steps=2)
+    torch._dynamo.reset()
+    testing.assert_same_run(got, ref)
+    assert len(got) == 2 and all(p is not None for p in got[0].grads)
