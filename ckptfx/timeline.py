@@ -249,7 +249,8 @@ def _mark_peaks(ax, timeline: Timeline, scale: int, styles: dict) -> None:
             continue
         color = styles.get(c.name, (None, "-"))[0]
         x, y = aligned_x(c)[c.peak_index], c.peak_bytes / scale
-        ax.plot([x], [y], "o", color=color, ms=7, zorder=3)
+        ax.plot([x], [y], "o", color=color, ms=max(4, 9 - 2 * i), zorder=3 + i)  # stacked
+        # dots at one point stay visible: each later one smaller, on top
         ax.annotate(f"({i + 1}) {c.name} peak {size(c.peak_bytes)}", (x, y),
                     xytext=(0.985, 0.965 - 0.065 * i), textcoords="axes fraction", ha="right",
                     va="top", fontsize=8.5, color=color, fontweight="bold",
