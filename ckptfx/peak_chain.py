@@ -183,10 +183,11 @@ class _Group:
     plans: tuple[BlockPlan, ...]
 
 
-def block_groups(joint, problem: SolveProblem, maps, recompute_expensive: bool
-                 ) -> list[_Group]:
+def block_groups(joint, problem: SolveProblem, maps, recompute_expensive: bool,
+                 deadline: float) -> list[_Group]:
     """Groups the blocks by shape and solves each group's middle block once
-    (:func:`ckptfx.solvers.blocks.block_options`)."""
+    (:func:`ckptfx.solvers.blocks.block_options`), each solve within a share of the time
+    left."""
     needed, natives = _local_parts(joint, problem, maps)
     shapes: dict[tuple, list[int]] = {}
     for i, block in enumerate(problem.layers):
@@ -196,6 +197,8 @@ def block_groups(joint, problem: SolveProblem, maps, recompute_expensive: bool
         ref = members[len(members) // 2]
         local = block_problem(problem, problem.layers[ref], needed.get(ref, set()),
                               tuple(natives.get(ref, ())))
+        share = (deadline - time.monotonic()) / (2 * (SELECTIVE + 1) * len(shapes))
+        local = dataclasses.replace(local, time_limit_s=max(0.1, share))
         plans = block_options(local, recompute_expensive, bounds=SELECTIVE + 1)
         between = plans[1:-1] or plans[-1:]  # least bytes .. keep: the plans in between
         between = (between + between[-1:] * SELECTIVE)[:SELECTIVE]
@@ -289,10 +292,12 @@ def chain_candidates(joint, problem: SolveProblem, anchor: Candidate, to_plan,
     if ckpt.timeline is None or anchor.timeline is None:
         return seen, ("peak search: block chain not measured (no simulated timeline)",)
     maps = block_maps(joint, problem)
-    groups = block_groups(joint, problem, maps, recompute_expensive)
+    groups = block_groups(joint, problem, maps, recompute_expensive, deadline)
     tried = {(KEEP,) * n: anchor, (CHECKPOINT,) * n: ckpt}
     uniform = {KEEP: anchor, CHECKPOINT: ckpt}
     for o in range(2, 2 + SELECTIVE):
+        if time.monotonic() > deadline:
+            break
         cand = _try(joint, problem, groups, (o,) * n, to_plan, recompute_expensive, tried)
         if cand.timeline is not None:
             uniform[o] = cand
