@@ -145,8 +145,7 @@ def frontier(args) -> int:
     budgets = args.budget_values
     # the first budget makes the base config valid (budget_kind needs a budget); pareto
     # replaces it with each budget in turn
-    base = RematConfig.from_options({"solver": "budget", **args.options,
-                                     "memory_budget": budgets[0]})
+    base = RematConfig.from_options({**args.options, "memory_budget": budgets[0]})
     _print_combination_note(base, "--budgets")
     joints = capture(args)
     results = []

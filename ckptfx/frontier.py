@@ -45,7 +45,8 @@ def pareto(joint: JointGraph, budgets: Sequence[float | int | str] = DEFAULT_BUD
     Args:
         joint: the joint graph (``ckptfx.trace_joint``).
         budgets: memory_budget values (fractions, bytes or size strings), in any order.
-        config: base options (solver defaults to "budget"; ``memory_budget`` is replaced).
+        config: base options (``memory_budget`` is replaced by each budget; peak budgets by
+            default, whose candidates are simulated once for the whole sweep).
         progress: called as ``progress(i, n, budget)`` before the i-th of n budgets is solved.
 
     Returns:
@@ -54,19 +55,21 @@ def pareto(joint: JointGraph, budgets: Sequence[float | int | str] = DEFAULT_BUD
     Raises:
         ConfigError: a budget value is invalid.
     """
-    from ckptfx.pipeline import apply_plan, plan_remat
+    from ckptfx.pipeline import apply_plan, plan_budgets
 
-    base = RematConfig.coerce(config) if config is not None else RematConfig(solver="budget")
-    rows = []
+    base = RematConfig.coerce(config) if config is not None else RematConfig()
+    base = dataclasses.replace(base, strict=False)
     parsed = [parse_budget(b) for b in budgets]  # every value checked before any work
-    for i, budget in enumerate(parsed):
-        if progress is not None:
-            progress(i, len(parsed), str(budget))
-        cfg = dataclasses.replace(base, memory_budget=budget, strict=False)
-        plan = plan_remat(joint, cfg)
-        _, _, report = apply_plan(joint, plan, cfg)
+    if progress is not None and parsed:
+        progress(0, len(parsed), f"{parsed[0]} (the candidates of all budgets simulated once)")
+    rows = []
+    for k, (budget, planned) in enumerate(zip(parsed, plan_budgets(joint, base, parsed))):
+        if progress is not None and k:
+            progress(k, len(parsed), str(budget))
+        plan = planned.plan
+        _, _, report = apply_plan(joint, plan)
         rows.append(FrontierRow(
-            budget=str(cfg.memory_budget), budget_bytes=plan.budget_bytes,
+            budget=str(budget), budget_bytes=plan.budget_bytes,
             saved_bytes=plan.saved_bytes, predicted_peak_bytes=report.predicted_peak_bytes,
             extra_flops=report.extra_flops, extra_cost_s=report.extra_cost_s,
             feasible=plan.feasible))

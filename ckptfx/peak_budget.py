@@ -48,11 +48,33 @@ log = logging.getLogger("ckptfx")
 SWEEP = 8  # evenly spaced saved-bytes bounds between the least and the no-budget plan's
 
 
-def plan_for_peak(joint: JointGraph, prep: Prepared) -> Planned:
-    """Plans for ``memory_budget`` bounding the simulated peak (``budget_kind="peak"``).
+@dataclasses.dataclass(frozen=True)
+class PeakCandidates:
+    """The simulated candidates of one graph and options: what every peak budget chooses
+    from (the same set whatever the budget; Note [Peak search paths]).
+
+    Attributes:
+        seen: every candidate, the no-budget plan first.
+        notes: what the search ran (path, model error), for the plan's notes.
+        solver: the registry name of the solver the plans are reported under.
+        elapsed_s: seconds spent finding and simulating them.
+    """
+
+    seen: tuple[Candidate, ...]
+    notes: tuple[str, ...]
+    solver: str
+    elapsed_s: float
+
+    @property
+    def anchor(self) -> Candidate:
+        """The no-budget plan."""
+        return self.seen[0]
+
+
+def peak_candidates(joint: JointGraph, prep: Prepared) -> PeakCandidates:
+    """Finds and simulates the candidates of a peak budget (its value is not used).
 
     Raises:
-        InfeasibleBudgetError: ``strict=True`` and no candidate's peak fits.
         UnsupportedGraphError: no candidate's peak could be simulated.
     """
     name, solver = prep.solver()
@@ -65,65 +87,62 @@ def plan_for_peak(joint: JointGraph, prep: Prepared) -> Planned:
 
     config = prep.config
     chain = name == "budget" and config.solver == "auto"  # the user chose no solver or policy
-    solution, peak, target = solve_for_peak(joint, problem, solver, config.memory_budget,
-                                            prep.full_bytes, to_plan, default,
-                                            recompute_expensive=config.recompute_expensive,
-                                            chain=chain)
-    problem = dataclasses.replace(problem, budget_bytes=target)
-    return finish(prep, problem, solution, name, time.perf_counter() - start, peak)
-
-
-def _evaluate(joint, problem: SolveProblem, solver, bound: int, to_plan,
-              deadline: float | None = None) -> Candidate:
-    limit = problem.time_limit_s if deadline is None else max(0.5, deadline - time.monotonic())
-    sub = dataclasses.replace(problem, budget_bytes=bound, budget_kind="saved",
-                              time_limit_s=min(problem.time_limit_s, limit))
-    return evaluate(joint, sub, solver.solve(sub), to_plan, bound)
-
-
-def solve_for_peak(joint, problem: SolveProblem, solver, budget, full_saved: int, to_plan,
-                   default: Solution, extra: tuple[Solution, ...] = (),
-                   recompute_expensive: bool = False, chain: bool = True
-                   ) -> tuple[Solution, int, int]:
-    """Finds the cheapest plan whose simulated peak fits (Note [Peak search paths]).
-
-    Args:
-        joint: the JointGraph.
-        problem: the SolveProblem (its budget fields are ignored).
-        solver: a saved-bytes solver (the budget solver) for the sweep.
-        budget: a MemoryBudget: bytes of peak, or a fraction on the scale least peak found
-            (0) .. the no-budget plan's peak (1) (Note [Budget fractions]).
-        full_saved: bytes the no-recompute plan saves (unused by the block chain).
-        to_plan: ``(problem, solution) -> RematPlan`` (the planner's converter; the plan
-            carries the size hints the simulation uses).
-        default: the no-budget plan (the 1.0 end of the fraction scale; also a candidate).
-        extra: more candidate solutions to simulate (e.g. layer-wise plans).
-        recompute_expensive: the inner min-cut's option for what blocks leave open.
-        chain: plan repeated blocks with the block chain when the graph has them.
-
-    Returns:
-        (solution, its simulated peak in bytes, the peak budget in bytes).
-
-    Raises:
-        UnsupportedGraphError: no candidate's peak could be simulated.
-    """
     deadline = time.monotonic() + problem.time_limit_s
     anchor = evaluate(joint, problem, default, to_plan)
     if chain and len(problem.layers) >= 2 and anchor.peak is not None:
-        seen, notes = chain_candidates(joint, problem, anchor, to_plan, recompute_expensive,
-                                       deadline)
+        seen, notes = chain_candidates(joint, problem, anchor, to_plan,
+                                       config.recompute_expensive, deadline)
     else:
         seen, notes = [anchor] + _sweep(joint, problem, solver, default, to_plan, deadline), ()
-    seen += [evaluate(joint, problem, sol, to_plan) for sol in extra]
-    known = [c.peak for c in seen if c.peak is not None]
-    if not known:
+    if all(c.peak is None for c in seen):
         raise UnsupportedGraphError(
             "budget_kind='peak': no candidate plan's peak could be simulated (nodes without "
             "meta['val']); trace with fake tensors, or use budget_kind='saved'")
+    return PeakCandidates(tuple(seen), tuple(notes), name, time.perf_counter() - start)
+
+
+def plan_for_peak(joint: JointGraph, prep: Prepared,
+                  candidates: PeakCandidates | None = None) -> Planned:
+    """Plans for ``memory_budget`` bounding the simulated peak (``budget_kind="peak"``).
+
+    Args:
+        joint: the JointGraph.
+        prep: the preparation (its config has the budget).
+        candidates: :func:`peak_candidates` of the same graph and options, to reuse across
+            budgets (a frontier); found here when None.
+
+    Raises:
+        InfeasibleBudgetError: ``strict=True`` and no candidate's peak fits.
+        UnsupportedGraphError: no candidate's peak could be simulated.
+    """
+    start = time.perf_counter()
+    if candidates is None:
+        candidates = peak_candidates(joint, prep)
+    solution, peak, target = choose(candidates, prep.config.memory_budget)
+    problem = dataclasses.replace(prep.problem, budget_bytes=target)
+    elapsed = time.perf_counter() - start
+    return finish(prep, problem, solution, candidates.solver, elapsed, peak)
+
+
+def choose(candidates: PeakCandidates, budget) -> tuple[Solution, int, int]:
+    """The cheapest candidate whose simulated peak fits the budget (Note [Peak search paths]).
+
+    Args:
+        candidates: the graph's PeakCandidates.
+        budget: a MemoryBudget: bytes of peak, or a fraction on the scale least peak found
+            (0) .. the no-budget plan's peak (1) (Note [Budget fractions]).
+
+    Returns:
+        (solution, its simulated peak in bytes, the peak budget in bytes): the no-budget plan
+        when it fits; else the fitting candidate of least recompute cost; else the one of
+        least peak, marked infeasible.
+    """
+    seen, anchor = candidates.seen, candidates.anchor
+    known = [c.peak for c in seen if c.peak is not None]
     least_peak = min(known)
     anchor_peak = anchor.peak if anchor.peak is not None else max(known)
     target = budget.resolve(least_peak, max(anchor_peak, least_peak))
-    if anchor.fits(target):  # Note [Peak search paths]: at or above 1.0, the no-budget plan
+    if anchor.fits(target):  # at or above 1.0: the no-budget plan itself
         best, feasible = anchor, True
     else:
         fitting = [c for c in seen if c.fits(target)]
@@ -134,8 +153,16 @@ def solve_for_peak(joint, problem: SolveProblem, solver, budget, full_saved: int
     note = (f"peak search: {len(seen)} plans simulated; "
             f"{'peak' if feasible else 'least peak'} {best.peak} B {relation} {target} B")
     solution = dataclasses.replace(best.solution, feasible=feasible,
-                                   notes=best.solution.notes + notes + (note,))
+                                   notes=best.solution.notes + candidates.notes + (note,))
     return solution, best.peak, target
+
+
+def _evaluate(joint, problem: SolveProblem, solver, bound: int, to_plan,
+              deadline: float | None = None) -> Candidate:
+    limit = problem.time_limit_s if deadline is None else max(0.5, deadline - time.monotonic())
+    sub = dataclasses.replace(problem, budget_bytes=bound, budget_kind="saved",
+                              time_limit_s=min(problem.time_limit_s, limit))
+    return evaluate(joint, sub, solver.solve(sub), to_plan, bound)
 
 
 def _sweep(joint, problem: SolveProblem, solver, default: Solution, to_plan,

@@ -5,6 +5,7 @@ The public entry points compose the stages in their one direction::
     plan(joint, config) -> Planned
     ├── planner.prepare            analysis, votes, problem
     ├── peak_budget.plan_for_peak  budget_kind="peak": solve, apply, simulate candidates
+    │   (plan_budgets: one graph, many budgets, the candidates simulated once)
     └── planner.solve              otherwise: solve once
     apply_plan(joint, plan) -> (fw, bw, report)
     ├── rewrite(joint, plan)       forward and backward graphs, verified  (passes/rewrite.py)
@@ -24,7 +25,7 @@ from ckptfx.config import RematConfig
 from ckptfx.joint import JointGraph
 from ckptfx.memory import predict_peak
 from ckptfx.passes.rewrite import rewrite
-from ckptfx.peak_budget import plan_for_peak
+from ckptfx.peak_budget import peak_candidates, plan_for_peak
 from ckptfx.plan import RematPlan
 from ckptfx.planner import Planned, prepare, size_hints, solve
 from ckptfx.report import build_report
@@ -39,6 +40,40 @@ def plan(joint: JointGraph, config: RematConfig | dict | None = None) -> Planned
     if config.memory_budget is not None and config.effective_budget_kind == "peak":
         return plan_for_peak(joint, prep)
     return solve(prep)
+
+
+def plan_budgets(joint: JointGraph, config: RematConfig, budgets) -> list[Planned]:
+    """Plans one graph for several memory budgets (a frontier), analysing it once and, for
+    peak budgets, simulating the candidates once: every budget chooses from the same set.
+
+    Args:
+        joint: a JointGraph.
+        config: options (its ``memory_budget`` is replaced by each budget).
+        budgets: MemoryBudget values (:func:`ckptfx.config.parse_budget`).
+
+    Returns:
+        One Planned per budget, in order.
+
+    Raises:
+        What :func:`plan` raises.
+    """
+    import dataclasses
+
+    config = RematConfig.coerce(config)
+    prep = prepare(joint, config)
+    if not budgets:
+        return []
+    shared = None
+    out = []
+    for budget in budgets:
+        cfg = dataclasses.replace(config, memory_budget=budget)
+        one = dataclasses.replace(prep, config=cfg)
+        if cfg.effective_budget_kind == "peak":
+            shared = shared or peak_candidates(joint, one)
+            out.append(plan_for_peak(joint, one, shared))
+        else:
+            out.append(solve(one))
+    return out
 
 
 def plan_remat(joint: JointGraph, config: RematConfig | dict | None = None) -> RematPlan:

@@ -172,3 +172,15 @@ def test_block_chain_plans_train_like_eager():
         got = train(model, ckptfx.CkptBackend(inner="eager", memory_budget=budget), (ids,),
                     steps=2)
         assert_same_run(got, ref)  # bit for bit: the same ops in the same order
+
+
+def test_a_frontier_plans_every_budget_as_alone(joint):
+    from ckptfx.config import parse_budget
+    from ckptfx.pipeline import plan_budgets
+
+    budgets = [parse_budget(b) for b in (1.0, 0.3, 0.0)]
+    together = plan_budgets(joint, RematConfig(), budgets)
+    for budget, planned in zip(budgets, together):
+        alone = plan_all(joint, RematConfig(memory_budget=budget)).plan
+        assert planned.plan.saved == alone.saved
+        assert planned.plan.predicted_peak_bytes == alone.predicted_peak_bytes
