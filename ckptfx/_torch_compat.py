@@ -238,18 +238,59 @@ def unbacked_upper_bounds(shape_env) -> dict[Any, int | None]:
 
 
 
+def _symints(val: Any):
+    """Every SymInt in a ``meta["val"]``: SymInts, and a tensor's sizes, strides and storage
+    offset, through nested lists, tuples and dicts."""
+    if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        yield val
+    elif isinstance(val, torch.Tensor):
+        try:
+            dims = [*val.shape, *val.stride(), val.storage_offset()]
+        except (NotImplementedError, RuntimeError):  # sparse / nested layouts have no strides
+            dims = list(val.shape)
+        yield from (d for d in dims if isinstance(d, torch.SymInt))
+    elif isinstance(val, (list, tuple)):
+        for v in val:
+            yield from _symints(v)
+    elif isinstance(val, dict):
+        for v in val.values():
+            yield from _symints(v)
+
+
 def shape_env_of(graph: fx.Graph):
     """The ShapeEnv of a graph's fake tensors / SymInts, or None for static graphs."""
     for node in graph.nodes:
-        val = node.meta.get("val")
-        for v in val if isinstance(val, (list, tuple)) else [val]:
-            if isinstance(v, torch.SymInt):
-                return v.node.shape_env
-            if isinstance(v, torch.Tensor):
-                for s in list(v.shape) + [v.storage_offset()]:
-                    if isinstance(s, torch.SymInt):
-                        return s.node.shape_env
+        for s in _symints(node.meta.get("val")):
+            return s.node.shape_env
     return None
+
+
+def graph_symbol_hints(graph: fx.Graph) -> dict[Any, int]:
+    """The traced value of every backed size symbol a graph's ``meta["val"]`` mentions:
+    sympy.Symbol -> int.
+
+    Note [Hints from every ShapeEnv]
+        A graph's SymInts need not all come from the ShapeEnv of its first SymInt: a frame
+        that Dynamo recompiles with a dynamic size (shared block code, FSDP2's per-block
+        hooks) may hand AOTAutograd values created under another ShapeEnv. Hints are read
+        from every ShapeEnv the graph's SymInts point to, and from each SymInt's own hint
+        (the value it was traced with), so a backed symbol never goes without one.
+    """
+    hints: dict[Any, int] = {}
+    envs: dict[int, Any] = {}
+    for node in graph.nodes:
+        for s in _symints(node.meta.get("val")):
+            sym_node = s.node
+            if sym_node.shape_env is not None:
+                envs.setdefault(id(sym_node.shape_env), sym_node.shape_env)
+            expr, hint = sym_node.expr, getattr(sym_node, "hint", None)
+            if getattr(expr, "is_Symbol", False) and isinstance(hint, int) and \
+                    not isinstance(hint, bool):
+                hints.setdefault(expr, hint)
+    for env in envs.values():
+        for sym, val in symbol_hints(env).items():
+            hints.setdefault(sym, val)
+    return hints
 
 
 def symbol_hints(shape_env) -> dict[Any, int]:
@@ -259,7 +300,13 @@ def symbol_hints(shape_env) -> dict[Any, int]:
     values = getattr(shape_env, "backed_var_to_val", None)
     if values is None:
         values = shape_env.var_to_val
-    return {sym: int(val) for sym, val in values.items()}
+    out = {}
+    for sym, val in values.items():
+        try:
+            out[sym] = int(val)
+        except TypeError:  # a SingletonInt (jagged nested tensors) has no int value
+            continue
+    return out
 
 
 def inductor_partitioner_base():

@@ -220,12 +220,11 @@ class _InductorPeak:
         self.reports[:] = [new if r is old else r for r in self.reports]
 
     def _predict(self, fw, bw, buffers) -> int | None:
-        from ckptfx import _torch_compat as compat
         from ckptfx.analysis.sizes import SizeHints
         from ckptfx.memory import predict_peak
 
-        shape_env = compat.shape_env_of(fw.graph) or compat.shape_env_of(bw.graph)
-        hints = SizeHints.from_shape_env(shape_env, self.config.unbacked_size_hint)
+        hints = SizeHints.from_graphs(fw.graph, bw.graph,
+                                      unbacked_default=self.config.unbacked_size_hint)
         try:
             return predict_peak(fw, bw, hints=hints, buffers=buffers)
         except Exception as exc:  # the report keeps the prediction made at partition time

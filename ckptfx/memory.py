@@ -432,8 +432,7 @@ def simulate(fw: fx.GraphModule, bw: fx.GraphModule, hints: SizeHints | None = N
                 f"memory simulation: {name.value} nodes {missing[:5]} have no meta['val']; trace the "
                 f"graphs with fake tensors (AOTAutograd, FakeTensorProp) before simulating")
     if hints is None:
-        shape_env = compat.shape_env_of(fw.graph) or compat.shape_env_of(bw.graph)
-        hints = SizeHints.from_shape_env(shape_env)
+        hints = SizeHints.from_graphs(fw.graph, bw.graph)
     user, saved = saved_inputs(fw, bw)
     buffers = buffers or {}
     fw_st = _storages(fw, FORWARD, {}, hints, buffers.get(FORWARD))
@@ -512,7 +511,7 @@ def storage_timeline(fw: fx.GraphModule, bw: fx.GraphModule,
     expressions too (for peak labels and peak formulas). Same Args and Raises."""
     timeline = simulate(fw, bw, hints)
     if hints is None:
-        hints = SizeHints.from_shape_env(compat.shape_env_of(fw.graph) or compat.shape_env_of(bw.graph))
+        hints = SizeHints.from_graphs(fw.graph, bw.graph)
     user, saved = saved_inputs(fw, bw)
     sym = _Symbolic()
     fw_st = _storages(fw, FORWARD, {}, sym)

@@ -25,7 +25,6 @@ import logging
 import time
 from typing import Any
 
-from ckptfx import _torch_compat as compat
 from ckptfx.analysis.sizes import SizeHints
 from ckptfx.analysis.table import NodeTable, build_table
 from ckptfx.config import RematConfig
@@ -103,8 +102,7 @@ class Prepared:
 
 def size_hints(joint: JointGraph, config: RematConfig) -> SizeHints:
     """SizeHints from the joint graph's ShapeEnv (empty for static shapes)."""
-    shape_env = compat.shape_env_of(joint.graph)
-    return SizeHints.from_shape_env(shape_env, config.unbacked_size_hint)
+    return SizeHints.from_graphs(joint.graph, unbacked_default=config.unbacked_size_hint)
 
 
 def size_notes(table: NodeTable) -> tuple[str, ...]:

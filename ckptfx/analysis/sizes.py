@@ -95,12 +95,31 @@ class SizeHints:
     assumed: tuple[tuple[str, int, str], ...] = ()
 
     @classmethod
-    def from_shape_env(cls, shape_env: Any, unbacked_default: int = 4096) -> "SizeHints":
-        """Backed hints of a ShapeEnv plus its unbacked symbols resolved by the rule of
-        Note [Unbacked sizes]. ``shape_env`` None (static shapes) gives empty hints."""
+    def from_graphs(cls, *graphs: Any, unbacked_default: int = 4096) -> "SizeHints":
+        """Hints for every size symbol of ``graphs`` (fx.Graph or GraphModule): the traced
+        value of each backed symbol, read from every ShapeEnv the graphs' SymInts belong to
+        and from the SymInts themselves (Note [Hints from every ShapeEnv] in
+        ``ckptfx._torch_compat``), plus the unbacked symbols resolved by the rule of
+        Note [Unbacked sizes]. Static graphs give empty hints."""
         from ckptfx import _torch_compat as compat
 
-        values = dict(compat.symbol_hints(shape_env))
+        graphs = tuple(getattr(g, "graph", g) for g in graphs)
+        known: dict[sympy.Symbol, int] = {}
+        for g in graphs:
+            for sym, val in compat.graph_symbol_hints(g).items():
+                known.setdefault(sym, val)
+        shape_env = next((e for e in map(compat.shape_env_of, graphs) if e is not None), None)
+        return cls.from_shape_env(shape_env, unbacked_default, known)
+
+    @classmethod
+    def from_shape_env(cls, shape_env: Any, unbacked_default: int = 4096,
+                       known: dict[sympy.Symbol, int] | None = None) -> "SizeHints":
+        """Backed hints of a ShapeEnv (and ``known`` ones: symbol -> elements) plus its
+        unbacked symbols resolved by the rule of Note [Unbacked sizes]. ``shape_env`` None
+        (static shapes) gives ``known`` or empty hints."""
+        from ckptfx import _torch_compat as compat
+
+        values = {**(known or {}), **compat.symbol_hints(shape_env)}
         assumed = []
         for sym, upper in compat.unbacked_upper_bounds(shape_env).items():
             if sym in values:

@@ -38,7 +38,7 @@ def _forward_saved_bytes(fw, num_fwd_outputs: int) -> int:
     try:
         out = fw.graph.find_nodes(op="output")[0]
         saved = compat.arg_tree_leaves(*out.args)[num_fwd_outputs:]
-        hints = SizeHints.from_shape_env(compat.shape_env_of(fw.graph))
+        hints = SizeHints.from_graphs(fw.graph)
         storages = {}
         for node in saved:
             val = getattr(node, "meta", {}).get("val")
