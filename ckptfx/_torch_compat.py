@@ -594,3 +594,49 @@ def dynamo_passthrough(exc: Exception) -> Exception:
     out.__dict__.update(exc.__dict__)
     out.first_useful_frame = None  # ShortenTraceback: keep the whole traceback
     return out
+
+
+def on_dynamo_compile_end(callback) -> None:
+    """Registers ``callback()`` to run after every frame Dynamo compiles (its compile-end
+    callbacks: process-wide, so register once)."""
+    import torch._dynamo
+
+    torch._dynamo.callback_handler.register_end_callback(lambda _args: callback())
+
+
+def _backend_of(compiled: Any) -> tuple[Any, dict]:
+    """The user's backend of a torch.compile'd module, and the keyword arguments a string
+    backend is called with (``options=``): Dynamo's wrappers peeled off."""
+    fn = compiled.dynamo_ctx.callback
+    while hasattr(fn, "_torchdynamo_orig_backend"):
+        fn = fn._torchdynamo_orig_backend
+    if hasattr(fn, "compiler_fn") and hasattr(fn, "kwargs"):  # torch._TorchCompileWrapper
+        return fn.compiler_fn, dict(fn.kwargs or {})
+    return fn, {}
+
+
+def compiled_ddp_on_stack() -> list[tuple[Any, Any, dict]]:
+    """``(module, backend, kwargs)`` for each ``torch.compile(DistributedDataParallel(...))``
+    whose call is on the Python stack now (the backend as :func:`_backend_of` gives it)."""
+    import sys
+
+    from torch._dynamo.eval_frame import OptimizedModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    found, frame = [], sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self") if frame.f_code.co_name in (
+            "__call__", "_call_impl", "_wrapped_call_impl", "forward") else None
+        if isinstance(owner, OptimizedModule) and \
+                isinstance(owner._orig_mod, DistributedDataParallel) and \
+                all(owner is not m for m, *_ in found):
+            found.append((owner, *_backend_of(owner)))
+        frame = frame.f_back
+    return found
+
+
+def dynamo_disable(fn):
+    """``fn`` wrapped so that Dynamo never traces it (runs eagerly when called)."""
+    import torch._dynamo
+
+    return torch._dynamo.disable(fn)

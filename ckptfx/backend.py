@@ -121,6 +121,7 @@ class CkptBackend:
         self.reports: list[RematReport] = []
         self.ledger = BudgetLedger()
         self._counts = {"planned": 0, "from cache": 0, "fell back": 0}
+        _watch_ddp()
 
     def __call__(self, gm, example_inputs):
         from ckptfx import _torch_compat as compat
@@ -277,6 +278,27 @@ def _restored(reports: list | None, note: str) -> list[RematReport]:
         "plan replayed from Inductor's cache; its report was not found on disk",))]
 
 
+def _watch_ddp() -> None:
+    """Note [DDP wrap order] in :mod:`ckptfx.distributed`: warn when a compiled
+    ``DistributedDataParallel`` makes no graph for this backend."""
+    import torch.distributed
+
+    if torch.distributed.is_available():
+        from ckptfx.distributed import watch_compiled_ddp
+
+        watch_compiled_ddp(_graphs_made)
+
+
+def _graphs_made(backend: Any, kwargs: dict) -> int | None:
+    """Graphs a ckptfx backend has been handed so far; None for another library's backend."""
+    if isinstance(backend, CkptBackend):
+        return len(backend.reports)
+    if backend is ckpt_backend:
+        entry = _SHARED.get(id(kwargs.get("options")))
+        return len(entry[1].reports) if entry is not None else 0
+    return None
+
+
 def ckpt_backend(gm, example_inputs, options: dict[str, Any] | None = None, **kwargs: Any):
     """The function registered as backend ``"ckpt"``.
 
@@ -311,3 +333,10 @@ def ckpt_backend(gm, example_inputs, options: dict[str, Any] | None = None, **kw
 # one model, so the graphs of one torch.compile call share one CkptBackend and one byte
 # budget (Note [One byte budget per model]); the dict is held so its id stays unique.
 _SHARED: dict[int, tuple[Any, CkptBackend]] = {}
+
+# torch.compile(..., backend="ckpt") imports this module (the entry point) and calls nothing
+# of ckptfx until Dynamo makes a graph; a compiled DDP makes none (Note [DDP wrap order]), so
+# the check is installed here when Dynamo is the importer. A plain ``import ckptfx`` does not
+# import Dynamo and installs nothing.
+if "torch._dynamo" in __import__("sys").modules:
+    _watch_ddp()

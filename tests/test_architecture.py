@@ -19,7 +19,7 @@ Note [Layers]
                 PyTorch's partitioner), report
     search      candidates, peak_chain, peak_budget (compose plan, apply and simulate)
     entry       pipeline, passes/partition, passes/remat, passes, backend (and its ledger),
-                capture, frontier
+                capture, frontier, distributed
     package     ckptfx (public names)
     tools       measure, testing, demo, target, hf, commands, cli (users of the public API)
 
@@ -53,7 +53,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("search", ("ckptfx.candidates", "ckptfx.peak_chain", "ckptfx.peak_budget")),
     ("entry", ("ckptfx.pipeline", "ckptfx.passes.partition", "ckptfx.passes.remat",
                "ckptfx.passes", "ckptfx.backend", "ckptfx.ledger", "ckptfx.capture",
-               "ckptfx.frontier")),
+               "ckptfx.frontier", "ckptfx.distributed")),
     ("package", ("ckptfx",)),
     ("tools", ("ckptfx.measure", "ckptfx.testing", "ckptfx.demo", "ckptfx.target", "ckptfx.hf",
                "ckptfx.commands", "ckptfx.cli")),
