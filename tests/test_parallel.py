@@ -54,7 +54,7 @@ def assert_same_plans_no_collective(ranks: list[dict]) -> None:
     assert not any(fallback for *_, fallback in ranks[0]["plans"])
     for r in ranks:
         assert not [op for op in r["recomputed_ops"]
-                    if "c10d" in op or "wait_tensor" in op or "all_gather" in op]
+                    if any(k in op for k in scenarios.COLLECTIVES)]
 
 
 @pytest.mark.parametrize("wrap", ["inside", "outside"])
@@ -78,3 +78,27 @@ def test_compiled_ddp_that_makes_no_graph_warns_once_with_the_recipe(tmp_path):
         assert r["plans"] == []
         for name, got in r["grads"].items():
             torch.testing.assert_close(torch.tensor(got), torch.tensor(r["ref_grads"][name]))
+
+
+@pytest.mark.parametrize("compile", ["block", "whole"])
+def test_fsdp2_trains_like_eager_and_never_recomputes_a_collective(tmp_path, compile):
+    ranks = run(tmp_path, "fsdp", options={"inner": "eager", "memory_budget": 0.5},
+                compile=compile)
+    assert_same_plans_no_collective(ranks)
+    for r in ranks:
+        assert_trains_like_eager(r)
+        assert not any("has no hint" in w for w in r["warnings"])
+        coll = r["collectives"]
+        ops = " ".join(coll["collective_ops"])
+        for op in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce",
+                   "wait_tensor"):
+            assert op in ops, coll["collective_ops"]
+        assert "recompute" not in coll["collective_actions"]
+        assert not [op for op in coll["recomputed_ops"]
+                    if any(k in op for k in scenarios.COLLECTIVES)]
+        assert coll["fallback"] == [""]
+    if compile == "block":  # each block call keeps what its graph's report says
+        for r in ranks:
+            assert r["measured"] and r["reported"]
+            for m in r["measured"]:
+                assert any(abs(b - m) <= 0.05 * m for b in r["reported"]), (m, r["reported"])
