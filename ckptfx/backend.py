@@ -111,6 +111,8 @@ class CkptBackend:
         config: the RematConfig in use.
         reports: one RematReport per joint graph partitioned, in compile order.
         ledger: bytes each compiled graph keeps for the backward (a BudgetLedger).
+        fingerprints: with ``verify_ranks=True``, the plan fingerprint of every graph
+            compiled (equal on every rank; Note [Identical decisions on every rank]).
     """
 
     def __init__(self, config: RematConfig | None = None, **options: Any) -> None:
@@ -120,6 +122,7 @@ class CkptBackend:
             RematConfig.from_options(options)
         self.reports: list[RematReport] = []
         self.ledger = BudgetLedger()
+        self.fingerprints: list[str] = []
         self._counts = {"planned": 0, "from cache": 0, "fell back": 0}
         _watch_ddp()
 
@@ -148,6 +151,8 @@ class CkptBackend:
                 store.save(store_key, got)
             elif _needs_autograd(example_inputs):
                 got, from_cache = _restored(store.load(store_key), note), True
+        if config.verify_ranks:
+            self.fingerprints.append(self._verify(got, config))
         self.reports.extend(got)
         self.ledger.record(key, compile_id, sum(r.saved_bytes for r in got))
         if note and not all(r.feasible for r in got):
@@ -157,6 +162,13 @@ class CkptBackend:
                         self.config.memory_budget, others, held, self.ledger.total)
         self._log(got, from_cache)
         return compiled
+
+    def _verify(self, got: list[RematReport], config: RematConfig) -> str:
+        """``verify_ranks``: this graph's plan compared across the process group."""
+        from ckptfx.distributed import plan_decisions, verify_same_plan
+
+        graph_id = got[0].graph_id if got else -1
+        return verify_same_plan(graph_id, plan_decisions(got, config.cache_key()))
 
     def _graph_config(self, held: int) -> RematConfig:
         """This graph's config: a byte budget less what the model's other graphs keep."""

@@ -163,6 +163,11 @@ class RematConfig:
             that the ShapeEnv cannot bound, elements; a bounded one takes its upper bound.
             Every choice is logged and noted in the report; see ``Note [Unbacked sizes]``
             in ``ckptfx/analysis/sizes.py``.
+        verify_ranks: after planning each graph, all-gather a fingerprint of the plan (its
+            saved and recomputed nodes and the options) across the default process group of
+            ``torch.distributed`` and raise :class:`ckptfx.errors.RankMismatchError`, naming
+            the first differing decision, when ranks disagree. Every rank must then compile
+            the same graphs in the same order (a collective runs per graph). Off by default.
     """
 
     memory_budget: MemoryBudget | None = None
@@ -176,6 +181,7 @@ class RematConfig:
     layers_per_checkpoint: int | None = None
     time_limit_s: float = 10.0
     unbacked_size_hint: int = 4096
+    verify_ranks: bool = False
 
     def __post_init__(self) -> None:
         if self.budget_kind is not None:
@@ -183,7 +189,7 @@ class RematConfig:
         _choice("solver", self.solver, solver_names())
         _choice("inner", self.inner, INNERS)
         _choice("cost_model", self.cost_model, COST_MODELS)
-        for flag in ("strict", "recompute_expensive"):
+        for flag in ("strict", "recompute_expensive", "verify_ranks"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag}={getattr(self, flag)!r}: allowed values: True, False")
         if self.memory_budget is not None and not isinstance(self.memory_budget, MemoryBudget):

@@ -6,7 +6,8 @@ Every error says what failed, on which nodes or option, why, and how to fix it::
     ├── ConfigError (also a ValueError)   an unknown option or a bad value
     ├── UnsupportedGraphError             a graph the pass cannot plan safely
     ├── InfeasibleBudgetError             no plan meets the memory budget (strict mode)
-    └── PlanValidationError               a plan or emitted graph broke an invariant
+    ├── PlanValidationError               a plan or emitted graph broke an invariant
+    └── RankMismatchError                 ranks of a process group planned a graph differently
 """
 
 from __future__ import annotations
@@ -43,3 +44,20 @@ class InfeasibleBudgetError(CkptfxError):
 
 class PlanValidationError(CkptfxError):
     """A plan, or the graphs emitted for it, broke one of the invariants of the pass."""
+
+
+class RankMismatchError(CkptfxError):
+    """``verify_ranks=True``: the ranks of the default process group planned one graph
+    differently (names the graph, the ranks and the first differing decision).
+
+    Attributes:
+        graph_id: the graph's number in the reports.
+        differences: ``(node, decision on rank 0, decision on the other rank)`` for every
+            differing decision, sorted by node name.
+    """
+
+    def __init__(self, message: str, *, graph_id: int,
+                 differences: tuple[tuple[str, str, str], ...]) -> None:
+        super().__init__(message)
+        self.graph_id = graph_id
+        self.differences = differences

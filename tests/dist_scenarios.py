@@ -99,7 +99,7 @@ def ddp(rank: int, options: dict, wrap: str) -> dict:
         wrapped = torch.compile(DDP(model, bucket_cap_mb=1 / 16), backend=backend)
     losses, grads = _train(wrapped, wrapped.parameters())
     return {"losses": losses, "grads": grads, "plans": plans_of(backend),
-            "recomputed_ops": recomputed_ops(backend)}
+            "recomputed_ops": recomputed_ops(backend), "fingerprints": backend.fingerprints}
 
 
 def ddp_of_sequential(rank: int, options: dict) -> dict:
@@ -175,6 +175,7 @@ def fsdp(rank: int, options: dict, compile: str) -> dict:
     return {"losses": losses, "grads": grads, "plans": plans_of(backend),
             "recomputed_ops": recomputed_ops(backend), "measured": measured,
             "reported": [r.saved_bytes for r in backend.reports],
+            "fingerprints": backend.fingerprints,
             "collectives": _collectives_never_recomputed()}
 
 
@@ -216,7 +217,27 @@ def _collectives_never_recomputed() -> dict:
             "x_grad": x.grad.tolist(), "w_grad": w.grad.tolist()}
 
 
-SCENARIOS = {"ddp": ddp, "ddp_of_sequential": ddp_of_sequential, "fsdp": fsdp}
+def mismatch(rank: int) -> dict:
+    """``verify_ranks=True`` with a budget that differs by rank: every rank raises."""
+    import ckptfx
+
+    model = gpt()
+    budget = 0.0 if rank == 1 else None
+    backend = ckptfx.CkptBackend(inner="eager", memory_budget=budget, verify_ranks=True)
+    try:
+        torch.compile(model, backend=backend)(batch(0)).backward()
+    except Exception as exc:  # Dynamo wraps backend errors; the cause is ckptfx's
+        cause = exc
+        while cause is not None and not isinstance(cause, ckptfx.errors.CkptfxError):
+            cause = getattr(cause, "inner_exception", None) or cause.__cause__
+        return {"error": type(cause).__name__ if cause else repr(exc),
+                "message": str(cause) if cause else str(exc),
+                "differences": list(cause.differences) if cause else []}
+    return {"error": ""}
+
+
+SCENARIOS = {"ddp": ddp, "ddp_of_sequential": ddp_of_sequential, "fsdp": fsdp,
+             "mismatch": mismatch}
 
 
 def worker(rank: int, world: int, port: int, out_dir: str, name: str, kwargs: dict) -> None:

@@ -21,6 +21,12 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 RTOL = 1e-5
 
 
+def ckptfx_budget(value):
+    from ckptfx.config import parse_budget
+
+    return parse_budget(value)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -51,6 +57,9 @@ def assert_trains_like_eager(result: dict) -> None:
 
 def assert_same_plans_no_collective(ranks: list[dict]) -> None:
     assert ranks[0]["plans"] and ranks[0]["plans"] == ranks[1]["plans"]
+    # verify_ranks compared every graph's plan fingerprint across the group
+    assert len(ranks[0]["fingerprints"]) >= len(ranks[0]["plans"])
+    assert all(ranks[0]["fingerprints"]) and ranks[0]["fingerprints"] == ranks[1]["fingerprints"]
     assert not any(fallback for *_, fallback in ranks[0]["plans"])
     for r in ranks:
         assert not [op for op in r["recomputed_ops"]
@@ -62,7 +71,8 @@ def test_ddp_bucketed_graphs_are_planned_and_train_like_eager(tmp_path, wrap):
     """DDP(torch.compile(model)) and torch.compile(DDP(model)) of a model whose forward is
     user code: Dynamo's DDP optimizer splits the graph per gradient bucket (64 KiB), ckptfx
     plans every bucket's graph."""
-    ranks = run(tmp_path, "ddp", options={"inner": "eager", "memory_budget": 0.5}, wrap=wrap)
+    ranks = run(tmp_path, "ddp", options={"inner": "eager", "memory_budget": 0.5,
+                                          "verify_ranks": True}, wrap=wrap)
     assert len(ranks[0]["plans"]) > 1  # one graph per gradient bucket
     assert_same_plans_no_collective(ranks)
     for r in ranks:
@@ -82,8 +92,8 @@ def test_compiled_ddp_that_makes_no_graph_warns_once_with_the_recipe(tmp_path):
 
 @pytest.mark.parametrize("compile", ["block", "whole"])
 def test_fsdp2_trains_like_eager_and_never_recomputes_a_collective(tmp_path, compile):
-    ranks = run(tmp_path, "fsdp", options={"inner": "eager", "memory_budget": 0.5},
-                compile=compile)
+    ranks = run(tmp_path, "fsdp", options={"inner": "eager", "memory_budget": 0.5,
+                                           "verify_ranks": True}, compile=compile)
     assert_same_plans_no_collective(ranks)
     for r in ranks:
         assert_trains_like_eager(r)
@@ -102,3 +112,13 @@ def test_fsdp2_trains_like_eager_and_never_recomputes_a_collective(tmp_path, com
             assert r["measured"] and r["reported"]
             for m in r["measured"]:
                 assert any(abs(b - m) <= 0.05 * m for b in r["reported"]), (m, r["reported"])
+
+
+def test_verify_ranks_names_the_first_decision_that_differs(tmp_path):
+    ranks = run(tmp_path, "mismatch")
+    for r in ranks:  # every rank raises, none hangs
+        assert r["error"] == "RankMismatchError", r
+        node, on0, on1 = r["differences"][0]
+        assert f"{node!r} is {on0} on rank 0 and {on1} on rank 1" in r["message"]
+        assert ["option memory_budget", "None", repr(ckptfx_budget(0.0))] in r["differences"]
+        assert "the options differ: memory_budget=None on rank 0" in r["message"]
