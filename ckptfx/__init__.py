@@ -36,6 +36,7 @@ _EXPORTS = {
     "plan_remat": "ckptfx.pipeline",
     "RematReport": "ckptfx.report",
     "capture_joints": "ckptfx.capture",
+    "pipeline_stage_options": "ckptfx.stages", "RankMismatchError": "ckptfx.errors",
 }
 _SUBMODULES = ("errors", "policies", "passes", "capture", "timeline", "formula", "testing")
 

@@ -175,8 +175,11 @@ class CkptBackend:
         budget = self.config.memory_budget
         if budget is None or budget.nbytes is None or not held:
             return self.config
+        # with m microbatches in flight the other graphs keep m times their bytes
+        # (Note [Microbatches in flight] in ckptfx/stages.py)
+        kept = held * self.config.microbatches_in_flight
         return dataclasses.replace(
-            self.config, memory_budget=MemoryBudget(nbytes=max(0, budget.nbytes - held)))
+            self.config, memory_budget=MemoryBudget(nbytes=max(0, budget.nbytes - kept)))
 
     def _budget_note(self, config: RematConfig, held: int, others: int) -> str:
         if config is self.config:

@@ -168,6 +168,12 @@ class RematConfig:
             ``torch.distributed`` and raise :class:`ckptfx.errors.RankMismatchError`, naming
             the first differing decision, when ranks disagree. Every rank must then compile
             the same graphs in the same order (a collective runs per graph). Off by default.
+        microbatches_in_flight: m >= 1, the microbatches whose saved values a pipeline stage
+            keeps alive at once (1F1B: stages - stage index; GPipe: all of them; see
+            :func:`ckptfx.stages.pipeline_stage_options`). A byte budget then holds m times
+            the saved bytes (``"saved"``: m * saved <= budget) or m - 1 microbatches' saved
+            bytes plus one step's peak (``"peak"``); see ``Note [Microbatches in flight]``
+            in ``ckptfx/stages.py``. Default 1.
     """
 
     memory_budget: MemoryBudget | None = None
@@ -182,6 +188,7 @@ class RematConfig:
     time_limit_s: float = 10.0
     unbacked_size_hint: int = 4096
     verify_ranks: bool = False
+    microbatches_in_flight: int = 1
 
     def __post_init__(self) -> None:
         if self.budget_kind is not None:
@@ -203,6 +210,9 @@ class RematConfig:
         u = self.unbacked_size_hint
         if isinstance(u, bool) or not isinstance(u, int) or u < 1:
             raise ConfigError(f"unbacked_size_hint={u!r}: allowed values: an int >= 1")
+        m = self.microbatches_in_flight
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ConfigError(f"microbatches_in_flight={m!r}: allowed values: an int >= 1")
         if self.policy is not None:
             from ckptfx.policies import resolve  # policies import no heavy modules
 

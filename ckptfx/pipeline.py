@@ -18,9 +18,11 @@ hints and options), so applying it never re-analyses the graph.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
+from ckptfx import stages
 from ckptfx.config import RematConfig
 from ckptfx.joint import JointGraph
 from ckptfx.memory import predict_peak
@@ -34,8 +36,34 @@ log = logging.getLogger("ckptfx")
 
 
 def plan(joint: JointGraph, config: RematConfig | dict | None = None) -> Planned:
-    """Like :func:`plan_remat`, returning every artifact (table, votes, problem) too."""
+    """Like :func:`plan_remat`, returning every artifact (table, votes, problem) too.
+
+    With ``microbatches_in_flight`` m > 1 and a byte budget, the budget is one microbatch's
+    share (Note [Microbatches in flight] in :mod:`ckptfx.stages`): B // m for a saved
+    budget; for a peak budget, the peak search for B, then saved budgets
+    (B - peak) // (m - 1) until the plan fits (at most MAX_IN_FLIGHT_ROUNDS rounds).
+    """
     config = RematConfig.coerce(config)
+    if not stages.applies(config) or config.effective_budget_kind == "saved":
+        return _plan_once(joint, stages.per_microbatch_config(config))
+    planned = _plan_once(joint, config)
+    for _ in range(MAX_IN_FLIGHT_ROUNDS):
+        peak = _in_flight_peak(joint, config, planned)
+        if peak is None or peak[0] <= config.memory_budget.nbytes:
+            return planned
+        planned = _plan_once(joint, stages.per_microbatch_config(config, peak[1]))
+    peak = _in_flight_peak(joint, config, planned)
+    if peak is None or peak[0] > config.memory_budget.nbytes:
+        log.warning("ckptfx: memory_budget=%s with microbatches_in_flight=%d: no plan found "
+                    "whose in-flight peak fits; the report gives the closest one's figures",
+                    config.memory_budget, stages.in_flight(config))
+    return planned
+
+
+MAX_IN_FLIGHT_ROUNDS = 3
+
+
+def _plan_once(joint: JointGraph, config: RematConfig) -> Planned:
     prep = prepare(joint, config)
     if config.memory_budget is not None and config.effective_budget_kind == "peak":
         return plan_for_peak(joint, prep)
@@ -74,6 +102,16 @@ def plan_budgets(joint: JointGraph, config: RematConfig, budgets) -> list[Planne
         else:
             out.append(solve(one))
     return out
+
+
+def _in_flight_peak(joint: JointGraph, config: RematConfig,
+                    planned: Planned) -> tuple[int, int] | None:
+    """(in-flight peak, one step's peak) of a plan in bytes; None if not simulated."""
+    fw, bw = rewrite(joint, planned.plan)
+    step = _safe_peak(fw, bw, planned.plan.hints)
+    if step is None:
+        return None
+    return stages.in_flight_peak(config, planned.plan.saved_bytes, step), step
 
 
 def plan_remat(joint: JointGraph, config: RematConfig | dict | None = None) -> RematPlan:
@@ -143,6 +181,9 @@ def partition_joint(joint: JointGraph, config: RematConfig, graph_id: int = 0,
     peak = _safe_peak(fw, bw, planned.plan.hints)
     report = build_report(graph_id, planned.plan, elapsed, predicted_peak=peak, joint=joint,
                           graphs=(fw, bw))
+    note = stages.in_flight_note(config, report.saved_bytes, peak)
+    if note:
+        report = dataclasses.replace(report, notes=report.notes + (note,))
     return (fw, bw, report, planned.plan) if return_plan else (fw, bw, report)
 
 

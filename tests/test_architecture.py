@@ -12,7 +12,7 @@ Note [Layers]
     solvers     solvers/* (plain data, no torch: leaves the solve stage calls)
     config      config (validates policies, names the registered solvers)
     problem     problem (votes + table -> SolveProblem)
-    plan        plan (RematPlan), planner (solve -> RematPlan)
+    plan        plan (RematPlan), planner (solve -> RematPlan), stages (pipeline budgets)
     apply       passes/verify, passes/rewrite
     simulate    memory
     report      report_text, formula, timeline (curves of this plan, no recompute and
@@ -46,7 +46,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("solvers", ("ckptfx.solvers", "ckptfx.solvers.*")),
     ("config", ("ckptfx.config",)),
     ("problem", ("ckptfx.problem",)),
-    ("plan", ("ckptfx.plan", "ckptfx.planner")),
+    ("plan", ("ckptfx.plan", "ckptfx.planner", "ckptfx.stages")),
     ("apply", ("ckptfx.passes.verify", "ckptfx.passes.rewrite")),
     ("simulate", ("ckptfx.memory",)),
     ("report", ("ckptfx.report_text", "ckptfx.formula", "ckptfx.timeline", "ckptfx.report")),
