@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -236,8 +237,123 @@ def mismatch(rank: int) -> dict:
     return {"error": ""}
 
 
+class _Stage0(torch.nn.Module):
+    """Embeddings and the first block of the GPT (parameter names as in TinyGPT)."""
+
+    def __init__(self, model: TinyGPT) -> None:
+        super().__init__()
+        self.tok, self.pos = model.tok, model.pos
+        self.blocks = torch.nn.ModuleDict({"0": model.blocks[0]})
+
+    def forward(self, ids):
+        x = self.tok(ids) + self.pos(torch.arange(ids.shape[1]))
+        return self.blocks["0"](x)
+
+
+class _Stage1(torch.nn.Module):
+    """The second block, the final norm and the head: logits."""
+
+    def __init__(self, model: TinyGPT) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleDict({"1": model.blocks[1]})
+        self.ln, self.head = model.ln, model.head
+
+    def forward(self, x):
+        return self.head(self.ln(self.blocks["1"](x)))
+
+
+def _loss(logits, ids):
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                             ids[:, 1:].reshape(-1))
+
+
+class _InFlight(torch.nn.Module):
+    """Runs a compiled stage under ``saved_tensors_hooks`` (outside the compiled region) and
+    keeps the bytes of the microbatches whose backward has not started: the stage's saved
+    bytes in flight, and their most at any time."""
+
+    def __init__(self, stage: torch.nn.Module, compiled) -> None:
+        super().__init__()
+        self.stage, self.compiled = stage, compiled
+        self.alive: dict[int, int] = {}
+        self.most, self.most_microbatches, self.per_microbatch = 0, 0, []
+
+    def forward(self, x):
+        seen: dict[int, int] = {}
+        params = {p.untyped_storage().data_ptr() for p in self.stage.parameters()}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                seen[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = self.compiled(x)
+        key = len(self.per_microbatch)
+        self.per_microbatch.append(sum(seen.values()))
+        self.alive[key] = self.per_microbatch[-1]
+        self.most = max(self.most, sum(self.alive.values()))
+        self.most_microbatches = max(self.most_microbatches, len(self.alive))
+        out.register_hook(lambda g: self.alive.pop(key, None) and None)  # its backward began
+        weakref.finalize(out, self.alive.pop, key, None)  # a forward with no backward
+        return out
+
+
+def pipeline(rank: int, inner: str = "eager", microbatches: int = 4) -> dict:
+    """A 2-stage 1F1B pipeline of the GPT, 4 microbatches; stage ``rank`` on rank ``rank``,
+    compiled with a saved budget of what one microbatch keeps without a budget, and the
+    stage's microbatches in flight (ckptfx.pipeline_stage_options)."""
+    import ckptfx
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+    model = gpt()
+    stage = (_Stage0 if rank == 0 else _Stage1)(model)
+    probe = ckptfx.CkptBackend(inner=inner)  # one microbatch, no budget: its saved bytes
+    example = batch(0)[: CFG.batch // microbatches]
+    if rank == 1:
+        example = _Stage0(gpt())(example).detach()
+    torch.compile(stage, backend=probe)(example).float().sum().backward()
+    stage.zero_grad(set_to_none=True)
+    budget = probe.reports[0].saved_bytes
+    alone = ckptfx.CkptBackend(inner=inner, memory_budget=budget)  # without the option
+    torch.compile(stage, backend=alone)(example).float().sum().backward()
+    stage.zero_grad(set_to_none=True)
+    options = {**ckptfx.pipeline_stage_options("1F1B", rank, 2, budget, microbatches),
+               "budget_kind": "saved", "inner": inner, "verify_ranks": False}
+    backend = ckptfx.CkptBackend(**options)
+    wrapped = _InFlight(stage, torch.compile(stage, backend=backend))
+    pipe = PipelineStage(wrapped, rank, 2, torch.device("cpu"))
+    schedule = Schedule1F1B(pipe, microbatches, loss_fn=_loss)
+    opt = torch.optim.SGD(stage.parameters(), lr=LR)
+    losses = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        mb_losses: list = []
+        if rank == 0:
+            schedule.step(batch(step))
+        else:
+            schedule.step(target=batch(step), losses=mb_losses)
+        losses.append(torch.stack(mb_losses).mean().item() if mb_losses else None)
+        grads = {n: p.grad.clone() for n, p in stage.named_parameters()}
+        opt.step()
+    gathered: list = [None, None]
+    dist.all_gather_object(gathered, {n: g.tolist() for n, g in grads.items()})
+    every: list = [None, None]
+    dist.all_gather_object(every, losses)
+    return {"losses": every[1], "grads": {n: torch.tensor(g) for part in gathered
+                                          for n, g in part.items()},
+            "budget": budget, "in_flight": options["microbatches_in_flight"],
+            "saved_without_option": alone.reports[0].saved_bytes,
+            "saved_bytes": [r.saved_bytes for r in backend.reports],
+            "notes": [n for r in backend.reports for n in r.notes],
+            "measured_most": wrapped.most, "most_microbatches": wrapped.most_microbatches,
+            "measured_per_microbatch": wrapped.per_microbatch,
+            "plans": plans_of(backend), "recomputed_ops": recomputed_ops(backend)}
+
+
 SCENARIOS = {"ddp": ddp, "ddp_of_sequential": ddp_of_sequential, "fsdp": fsdp,
-             "mismatch": mismatch}
+             "mismatch": mismatch, "pipeline": pipeline}
 
 
 def worker(rank: int, world: int, port: int, out_dir: str, name: str, kwargs: dict) -> None:

@@ -122,3 +122,21 @@ def test_verify_ranks_names_the_first_decision_that_differs(tmp_path):
         assert f"{node!r} is {on0} on rank 0 and {on1} on rank 1" in r["message"]
         assert ["option memory_budget", "None", repr(ckptfx_budget(0.0))] in r["differences"]
         assert "the options differ: memory_budget=None on rank 0" in r["message"]
+
+
+def test_two_stage_1f1b_pipeline_keeps_its_in_flight_budget_and_trains_like_eager(tmp_path):
+    ranks = run(tmp_path, "pipeline")
+    assert [r["in_flight"] for r in ranks] == [2, 1]  # 1F1B: stages - stage index
+    for r in ranks:
+        assert_trains_like_eager(r)
+        assert r["most_microbatches"] == r["in_flight"]
+        (saved,) = r["saved_bytes"]
+        # measured while the schedule runs: the microbatches in flight fit the budget
+        assert r["measured_most"] <= r["budget"]
+        assert all(abs(m - saved) <= 0.05 * saved for m in r["measured_per_microbatch"])
+        assert any(n.startswith(f"microbatches in flight: {r['in_flight']}") for n in r["notes"]) \
+            or r["in_flight"] == 1
+    stage0 = ranks[0]
+    # planned without the option (what one microbatch keeps with this budget alone), the
+    # stage's microbatches in flight would exceed it
+    assert stage0["most_microbatches"] * stage0["saved_without_option"] > stage0["budget"]
