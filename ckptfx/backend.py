@@ -165,10 +165,15 @@ class CkptBackend:
 
     def _verify(self, got: list[RematReport], config: RematConfig) -> str:
         """``verify_ranks``: this graph's plan compared across the process group."""
+        from ckptfx import _torch_compat as compat
         from ckptfx.distributed import plan_decisions, verify_same_plan
+        from ckptfx.errors import RankMismatchError
 
         graph_id = got[0].graph_id if got else -1
-        return verify_same_plan(graph_id, plan_decisions(got, config.cache_key()))
+        try:
+            return verify_same_plan(graph_id, plan_decisions(got, config.cache_key()))
+        except RankMismatchError as exc:  # the caller catches it by its class
+            raise compat.dynamo_passthrough(exc) from None
 
     def _graph_config(self, held: int) -> RematConfig:
         """This graph's config: a byte budget less what the model's other graphs keep."""

@@ -227,7 +227,10 @@ def mismatch(rank: int) -> dict:
     backend = ckptfx.CkptBackend(inner="eager", memory_budget=budget, verify_ranks=True)
     try:
         torch.compile(model, backend=backend)(batch(0)).backward()
-    except Exception as exc:  # Dynamo wraps backend errors; the cause is ckptfx's
+    except ckptfx.RankMismatchError as exc:  # raised through Dynamo as is
+        return {"error": "RankMismatchError", "message": str(exc),
+                "differences": list(exc.differences)}
+    except Exception as exc:  # anything else: find ckptfx's error among the causes
         cause = exc
         while cause is not None and not isinstance(cause, ckptfx.errors.CkptfxError):
             cause = getattr(cause, "inner_exception", None) or cause.__cause__
@@ -316,7 +319,7 @@ def pipeline(rank: int, inner: str = "eager", microbatches: int = 4) -> dict:
     torch.compile(stage, backend=probe)(example).float().sum().backward()
     stage.zero_grad(set_to_none=True)
     budget = probe.reports[0].saved_bytes
-    alone = ckptfx.CkptBackend(inner=inner, memory_budget=budget)  # without the option
+    alone = ckptfx.CkptBackend(inner=inner, memory_budget=budget, budget_kind="saved")
     torch.compile(stage, backend=alone)(example).float().sum().backward()
     stage.zero_grad(set_to_none=True)
     options = {**ckptfx.pipeline_stage_options("1F1B", rank, 2, budget, microbatches),

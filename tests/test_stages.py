@@ -42,8 +42,8 @@ def test_one_f_one_b_keeps_stages_minus_index_and_gpipe_all():
 def test_saved_budget_holds_every_microbatch_in_flight():
     full = _report().saved_bytes
     budget = full  # one microbatch's default plan fits, three in flight do not
-    one = _report(memory_budget=budget)
-    three = _report(memory_budget=budget, microbatches_in_flight=3)
+    one = _report(memory_budget=budget, budget_kind="saved")
+    three = _report(memory_budget=budget, budget_kind="saved", microbatches_in_flight=3)
     assert 3 * one.saved_bytes > budget  # planned without the option: exceeds in flight
     assert 3 * three.saved_bytes <= budget
     assert f"in flight: saved {3 * three.saved_bytes} B" in " ".join(three.notes)
