@@ -415,9 +415,8 @@ def test_megatron_selective_on_eager_attention():
     assert {r.reason for r in report.recomputed if r.op == "bmm.default"} == {
         "megatron_selective: attention core (bmm.default)"}
     assert {s.module for s in report.saved if s.nbytes} == {
-        ""} | {f"L['self'].blocks.{i}.{m}" for i in (0, 1) for m in ("attn.qkv", "attn.proj",
-                                                                      "mlp.fc")} | {
-        "L['self'].blocks.0.mlp.out"}
+        ""} | {f"blocks.{i}.{m}" for i in (0, 1) for m in ("attn.qkv", "attn.proj", "mlp.fc")} | {
+        "blocks.0.mlp.out"}  # module paths as the user writes them
 
 
 def test_megatron_selective_on_sdpa_keeps_the_fused_kernel():
@@ -427,7 +426,7 @@ def test_megatron_selective_on_sdpa_keeps_the_fused_kernel():
     assert not any("scaled_dot_product" in r.op for r in report.recomputed)
     # the fused kernel keeps no seq x seq activation: nothing to gain over the default plan
     assert report.saved_bytes == default.saved_bytes
-    assert {f"L['self'].blocks.{i}.attn.qkv" for i in (0, 1)} <= {s.module for s in report.saved}
+    assert {f"blocks.{i}.attn.qkv" for i in (0, 1)} <= {s.module for s in report.saved}
 
 
 # ---- checkpoint tags inside the compiled model ------------------------------------------------
