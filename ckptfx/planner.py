@@ -21,6 +21,7 @@ rewrite and the simulation; :func:`ckptfx.pipeline.plan` chooses between the two
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any
@@ -41,11 +42,14 @@ from ckptfx.solvers.base import (
     Solution,
     least_recompute_saved,
     needed_closure,
+    recompute_cost,
     saved_bytes,
     saved_storages,
 )
 
 log = logging.getLogger("ckptfx")
+
+MIN_SOLVE_S = 0.05  # seconds a solver gets even when the budget's min-cuts used the limit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,13 +139,61 @@ def solve(prep: Prepared) -> Planned:
     """
     problem = prep.problem
     budget = prep.config.memory_budget
+    name, solver = prep.solver()
+    start = time.perf_counter()
     if budget is not None:
         problem = dataclasses.replace(problem, budget_bytes=saved_budget(problem, budget,
                                                                          prep.config))
-    name, solver = prep.solver()
-    start = time.perf_counter()
+        default = no_budget_within(problem, name, prep.config)
+        if default is not None:
+            return finish(prep, problem, default, name, time.perf_counter() - start)
+        left = prep.config.time_limit_s - (time.perf_counter() - start)
+        problem = dataclasses.replace(problem, time_limit_s=max(left, MIN_SOLVE_S))
     solution = solver.solve(problem)
     return finish(prep, problem, solution, name, time.perf_counter() - start)
+
+
+def no_budget_within(problem: SolveProblem, solver: str, config: RematConfig) -> Solution | None:
+    """The no-budget plan when ``solver`` is a built-in budget solver and the plan meets
+    ``problem.budget_bytes``, or no plan the solver may make saves fewer bytes (then
+    infeasible); else None (Note [A budget the no-budget plan meets]).
+
+    Note [A budget the no-budget plan meets]
+        A saved-bytes budget at or above what the plan without a budget saves (the min-cut
+        with the config's ``recompute_expensive``; fraction 1.0 is exactly its bytes, Note
+        [Budget fractions]) asks for nothing that plan does not give, so it *is* that plan,
+        not the budget solver's answer at that bound: the MILP would spend the same bytes
+        on other values by its cost model, so ``memory_budget=1.0`` would plan differently
+        from no budget at all. A budget below it that no plan meets without recomputing
+        what ``recompute_expensive=False`` forbids (Note [recompute_expensive binds every
+        solver] in ckptfx/solvers/knapsack.py) gets the no-budget plan too, as the closest
+        plan: a smaller budget never changes the plan by a tie-break. The uniform solver
+        applies the first rule to its inner solver; a user's registered solver gets every
+        budget.
+    """
+    from ckptfx.solvers.knapsack import bind_expensive, expensive_note, least_bytes_plan
+    from ckptfx.solvers.mincut import MinCutSolver
+
+    budget = problem.budget_bytes
+    if budget is None or solver not in ("budget", "greedy") or not registry.is_builtin(solver):
+        return None
+    nbytes = saved_bytes(problem, mincut_saved(problem, config.recompute_expensive))
+    bound = bind_expensive(problem, config.recompute_expensive)
+    feasible = nbytes <= budget
+    if not feasible and saved_bytes(bound, least_bytes_plan(bound)) < nbytes:
+        return None
+    solution = MinCutSolver(config.recompute_expensive).solve(problem)
+    which = f"(min-cut, recompute_expensive={config.recompute_expensive})"
+    if feasible:
+        notes = (f"budget {budget} B >= the no-budget plan's {nbytes} B: the no-budget plan "
+                 f"{which}",)
+    else:
+        notes = (f"infeasible: budget {budget} B is below the least bytes any plan saves "
+                 f"({nbytes} B); the closest plan is the no-budget plan {which}",)
+        notes += tuple(n for n in (expensive_note(problem, bound, budget),) if n)
+    return dataclasses.replace(solution, feasible=feasible, notes=notes + solution.notes,
+                               objective=float(recompute_cost(problem, solution.saved)),
+                               lower_bound=None)
 
 
 def finish(prep: Prepared, problem: SolveProblem, solution: Solution, solver: str,
@@ -250,10 +302,18 @@ def to_plan(problem: SolveProblem, solution: Solution, solver: str, solve_time_s
 
 def mincut_saved(problem: SolveProblem, recompute_expensive: bool) -> tuple[str, ...]:
     """The min-cut's saved set: with ``recompute_expensive`` the fewest bytes any valid plan
-    saves; without, what the pass keeps when there is no budget."""
+    saves; without, what the pass keeps when there is no budget.
+
+    It depends on the nodes alone, so it is computed once per node set (a budget asks for
+    both cuts, and the no-budget plan again)."""
+    return _mincut_saved(problem.nodes, recompute_expensive)
+
+
+@functools.lru_cache(maxsize=4)
+def _mincut_saved(nodes: tuple[ProblemNode, ...], recompute_expensive: bool) -> tuple[str, ...]:
     from ckptfx.solvers.mincut import MinCutSolver
 
-    return MinCutSolver(recompute_expensive=recompute_expensive).solve(problem).saved
+    return MinCutSolver(recompute_expensive=recompute_expensive).solve(SolveProblem(nodes)).saved
 
 
 def saved_budget(problem: SolveProblem, budget, config: RematConfig) -> int:
@@ -302,12 +362,14 @@ def select_solver(config: RematConfig) -> tuple[str, dict[str, Any]]:
 
 
 def _solver_kwargs(name: str, config: RematConfig) -> dict[str, Any]:
+    """The config's options for a built-in solver: ``recompute_expensive`` binds every one
+    (Note [recompute_expensive binds every solver] in ckptfx/solvers/knapsack.py)."""
+    if not registry.is_builtin(name):
+        return {}
     if name == "uniform":
         return {"layers_per_checkpoint": config.layers_per_checkpoint,
                 "recompute_expensive": config.recompute_expensive}
-    if name == "mincut":
-        return {"recompute_expensive": config.recompute_expensive}
-    return {}
+    return {"recompute_expensive": config.recompute_expensive}
 
 
 def _infeasible(plan: RematPlan, config: RematConfig) -> None:
@@ -317,9 +379,11 @@ def _infeasible(plan: RematPlan, config: RematConfig) -> None:
         figure, what = plan.predicted_peak_bytes, "has a simulated peak of"
     else:
         figure, what = plan.saved_bytes, "keeps"
+    hint = next((n for n in plan.notes if n.startswith("recompute_expensive=True")), "")
     msg = (f"memory_budget={config.memory_budget} ({plan.budget_bytes} B, kind "
            f"{config.effective_budget_kind!r}) cannot be met; the closest plan {what} {figure} B. Raise "
-           f"the budget to at least that, or allow more recomputation (solver, policy)")
+           f"the budget to at least that, or allow more recomputation (solver, policy"
+           f"{', recompute_expensive' if hint else ''})" + (f"; {hint}" if hint else ""))
     if config.strict:
         raise InfeasibleBudgetError(msg, budget_bytes=plan.budget_bytes,
                                     smallest_bytes=figure)

@@ -77,8 +77,9 @@ def test_mincut_with_a_budget_is_a_config_error():
 
 @pytest.mark.parametrize("solver", ["auto", "budget", "greedy", "uniform"])
 def test_budget_solvers_keep_the_budget_or_say_so(solver, caplog):
+    # 1 MiB needs the matmuls recomputed: recompute_expensive=False would forbid it
     backend = ckptfx.CkptBackend(inner="eager", solver=solver, memory_budget="1MiB",
-                                 budget_kind="saved",
+                                 budget_kind="saved", recompute_expensive=True,
                                  **({"policy": "uniform"} if solver == "uniform" else {}))
     with warnings_of(caplog) as warns:
         measured = run(mlp(), backend)
@@ -104,7 +105,8 @@ def test_an_unmet_budget_raises_when_strict():
 
 def test_a_byte_budget_is_shared_by_the_graphs_of_a_model():
     # graph 1 keeps all it needs (3 MiB, nothing recomputed); graph 2 gets what is left
-    backend = ckptfx.CkptBackend(inner="eager", memory_budget="3.5MiB", budget_kind="saved")
+    backend = ckptfx.CkptBackend(inner="eager", memory_budget="3.5MiB", budget_kind="saved",
+                                 recompute_expensive=True)
     measured = run(TwoGraphs(), backend)
     assert len(backend.reports) == 2
     assert all(r.feasible for r in backend.reports)
@@ -136,7 +138,7 @@ def test_a_recompiled_graph_replaces_its_entry():
 
 
 def test_string_backend_shares_the_budget_across_graphs_of_one_compile():
-    options = {"inner": "eager", "memory_budget": "3.5MiB"}
+    options = {"inner": "eager", "memory_budget": "3.5MiB", "recompute_expensive": True}
     measured = run(TwoGraphs(), lambda gm, inputs: ckpt_backend(gm, inputs, options))
     assert measured <= 3.5 * MIB
     # another torch.compile call (another options dict) has a budget of its own

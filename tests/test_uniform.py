@@ -216,12 +216,18 @@ def test_mlp_k_equal_n_keeps_one_checkpoint(joints):
 
 
 def test_uniform_composes_with_a_memory_budget(joints):
+    # 1.0 is met by the no-budget plan: its min-cut plans the rest (Note [A budget the
+    # no-budget plan meets]); a budget below it is the budget solver's
     planned = plan(joints[6], ckptfx.RematConfig(policy="uniform", memory_budget=1.0,
-                                                     budget_kind="saved"))
+                                                 budget_kind="saved"))
     assert planned.plan.solver == "uniform"
-    assert "budget planned the rest" in planned.plan.notes[0]
+    assert "mincut planned the rest" in planned.plan.notes[0]
     assert planned.plan.saved_bytes == 4 * B  # k = 2: the same checkpoints; nothing else fits
     assert planned.plan.saved_bytes <= planned.plan.budget_bytes
+    tight = ckptfx.RematConfig(policy="uniform", memory_budget=planned.plan.saved_bytes - 1,
+                               budget_kind="saved")
+    planned = plan(joints[6], tight)
+    assert "budget planned the rest" in planned.plan.notes[0]
 
 
 @pytest.mark.parametrize("options", [{"policy": "uniform"},

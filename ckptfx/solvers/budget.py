@@ -10,7 +10,11 @@ Call tree::
     │   ├── _decode(...)               round, prune, check with needed_closure and bytes
     │   ├── descend(..., None)         polish: free byte-saving moves (exact ties)
     │   └── _lp_bound(...)             LP relaxation of the plain recompute cost
-    └── GreedySolver                   fallback, Note [Budget fallbacks]
+    └── greedy_search(...)             fallback, Note [Budget fallbacks]
+
+Every step shares one :class:`~ckptfx.solvers.knapsack.Clock` (Note [Keeping the time
+limit]); compute-bound nodes are recomputed only with ``recompute_expensive`` (Note
+[recompute_expensive binds every solver] in knapsack.py).
 
 Note [Budget MILP formulation]
     Over the candidates that are ancestors of a backward read (the others never matter),
@@ -48,27 +52,44 @@ Note [Budget fallbacks]
     * more than ``max_nodes`` (default 5000, i.e. 10k binaries, where HiGHS takes from
       seconds to minutes) candidates, no incumbent within ``time_limit_s``, or an incumbent
       that fails repair (rounding, closure or bytes): the greedy heuristic, said in notes.
+    * too little time left for the MILP (Note [Keeping the time limit]): the greedy.
     * rounding can overshoot the budget by the solver's tolerances (~1e-6 of the largest
       tensor per node); then the MILP is re-solved with the budget lowered by the overshoot,
       twice at most, before falling back.
+
+Note [Keeping the time limit]
+    ``problem.time_limit_s`` bounds the whole solve, not only HiGHS: the least-bytes min-cut,
+    the MILP, its repair re-solves, the polishing descent, the LP bound and the greedy
+    fallback share one deadline. HiGHS keeps its ``time_limit`` only between presolve
+    passes: on a 10k-binary ladder its presolve ran ~0.6 s past a 0.05 s limit (2-core CPU
+    under load), about ``SETUP_S_PER_NONZERO`` (2e-5 s) per nonzero of the constraint
+    matrix (building the model costs about as much again). So each HiGHS call gets the time
+    left minus that estimate, and the MILP is not started with less than three times the
+    estimate left (a re-solve: twice): the greedy (whose loops check the
+    deadline before every move) plans instead, and the notes say the limit was hit. What
+    cannot stop midway (the min-cut, one HiGHS presolve, one descent step) is what may run
+    past the limit: well under a second at the ``max_nodes`` cap
+    (tests/test_solvers_budget.py::test_time_limit_is_kept).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import ClassVar
 
 import numpy as np
 
 from ckptfx.solvers.base import SolveProblem, Solution, needed_closure, recompute_cost, saved_bytes
 from ckptfx.solvers.knapsack import (
-    GreedySolver,
+    Clock,
     backward_penalty,
+    bind_expensive,
     can_be_saved,
     can_run_in_backward,
     descend,
     describe,
+    expensive_note,
+    greedy_search,
     least_bytes_plan,
     prune_unused,
     save_penalty,
@@ -79,6 +100,7 @@ TIE_UNITS = 1e-3  # the byte tie-break sums to this
 MIP_REL_GAP = 1e-9  # HiGHS's relative gap (its absolute gap stays at 1e-6)
 MAX_MILP_NODES = 5000  # above: greedy; Note [Budget fallbacks]
 MIN_SLICE_S = 0.05  # seconds any HiGHS call gets, even past the time limit
+SETUP_S_PER_NONZERO = 2e-5  # Note [Keeping the time limit]
 _REPAIR_TRIES = 3
 
 
@@ -186,6 +208,14 @@ def _run(model: Model, objective: np.ndarray, target: int | None, seconds: float
                          "presolve": True, "disp": False})
 
 
+def setup_seconds(problem: SolveProblem, names: tuple[str, ...]) -> float:
+    """Seconds building the model of ``names`` and HiGHS's presolve may take beyond its
+    own time limit (Note [Keeping the time limit]), from the nonzeros of the program."""
+    nodes = problem.by_name()
+    nonzeros = sum(2 * nodes[v].needed_by_backward + 3 * len(nodes[v].inputs) + 2 for v in names)
+    return SETUP_S_PER_NONZERO * nonzeros
+
+
 def _decode(problem: SolveProblem, model: Model, x: np.ndarray,
             target: int | None) -> tuple[tuple[str, ...] | None, int, str]:
     """Rounds a MILP point to a saved set and checks it.
@@ -242,6 +272,8 @@ class BudgetSolver:
     Attributes:
         max_nodes: above this many modelled nodes, use the greedy heuristic.
         mip_rel_gap: HiGHS's relative optimality gap (Note [Budget objective scaling]).
+        recompute_expensive: let the plan recompute compute-bound nodes (Note
+            [recompute_expensive binds every solver] in knapsack.py).
 
     Raises:
         UnsupportedGraphError: no valid plan exists whatever the budget (from :meth:`solve`;
@@ -251,47 +283,62 @@ class BudgetSolver:
     name: ClassVar[str] = "budget"
     max_nodes: int = MAX_MILP_NODES
     mip_rel_gap: float = MIP_REL_GAP
+    recompute_expensive: bool = False
 
     def solve(self, problem: SolveProblem) -> Solution:
-        """Solves ``problem``; see the class docstring."""
-        deadline = time.monotonic() + problem.time_limit_s
+        """Solves ``problem`` within ``problem.time_limit_s``; see the class docstring."""
+        clock = Clock(problem.time_limit_s)
         if not any(n.needed_by_backward for n in problem.nodes):
             return Solution(saved=(), objective=0.0, lower_bound=0.0,
                             notes=("backward reads no forward value",))
         notes = []
         if problem.budget_kind != "saved":
             notes.append(f"budget_kind={problem.budget_kind!r}: the budget bounds saved bytes here")
-        floor_bytes = saved_bytes(problem, least_bytes_plan(problem))
+        bound = bind_expensive(problem, self.recompute_expensive)
+        floor_bytes = saved_bytes(bound, least_bytes_plan(bound))
         budget = problem.budget_bytes
         feasible = budget is None or floor_bytes <= budget
         target = budget if feasible else floor_bytes
         if not feasible:
             notes.append(f"infeasible: budget {budget} B is below the least-bytes plan "
                          f"({floor_bytes} B); returning the cheapest least-bytes plan")
-        exact = self._exact(problem, target, deadline)
+            notes += [n for n in (expensive_note(problem, bound, budget),) if n]
+        exact = self._exact(bound, target, clock)
         notes += exact.notes
         saved = exact.saved
         if saved is None:
-            fallback = GreedySolver().solve(dataclasses.replace(problem, budget_bytes=target))
-            saved, feasible = fallback.saved, feasible and fallback.feasible
-            notes += fallback.notes
+            sub = dataclasses.replace(bound, budget_bytes=target)
+            saved, found, more = greedy_search(sub, clock)
+            feasible = feasible and found
+            notes += more
+        if clock.hit:
+            notes.append(f"time limit: stopped at time_limit_s={problem.time_limit_s:g} with "
+                         f"the best plan found so far")
         objective = float(recompute_cost(problem, saved))
         lower = None if exact.lower_bound is None else min(exact.lower_bound, objective)
         return Solution(saved=saved, objective=objective, lower_bound=lower, feasible=feasible,
-                        reasons=describe(problem, saved, "budget"), notes=tuple(notes))
+                        reasons=describe(bound, saved, "budget"), notes=tuple(notes))
 
-    def _exact(self, problem: SolveProblem, target: int | None, deadline: float) -> _Exact:
+    def _exact(self, problem: SolveProblem, target: int | None, clock: Clock) -> _Exact:
         """The MILP stage: solve, repair, polish; None with a note when it cannot."""
-        size = len(relevant_nodes(problem))
-        if size > self.max_nodes:
-            return _Exact(None, None, (f"heuristic: {size} nodes exceed "
+        names = relevant_nodes(problem)
+        if len(names) > self.max_nodes:
+            return _Exact(None, None, (f"heuristic: {len(names)} nodes exceed "
                                        f"max_nodes={self.max_nodes} for the MILP",))
+        setup = setup_seconds(problem, names)
+        late = _Exact(None, None, (f"heuristic: the MILP ({len(names)} nodes, ~{setup:.2g} s "
+                                   f"to set up) does not fit the time left",))
+        if clock.left() < 3.0 * setup:
+            clock.hit = True
+            return late
         model = build_model(problem)
         margin = 0
         for _ in range(_REPAIR_TRIES):
+            if clock.left() < 2.0 * setup:
+                clock.hit = True
+                return late
             bound = None if target is None else target - margin
-            res = _run(model, model.objective, bound, deadline - time.monotonic(),
-                       gap=self.mip_rel_gap)
+            res = _run(model, model.objective, bound, clock.left() - setup, gap=self.mip_rel_gap)
             if res.x is None:
                 return _Exact(None, None, (f"heuristic: the MILP found no plan ({res.message})",))
             saved, over, why = _decode(problem, model, res.x, target)
@@ -302,8 +349,8 @@ class BudgetSolver:
             margin += over
         else:
             return _Exact(None, None, ("heuristic: the MILP plan stays over budget",))
-        saved = descend(problem, saved, None)
-        lower = _lp_bound(model, target, deadline - time.monotonic())
+        saved = descend(problem, saved, None, clock)
+        lower = _lp_bound(model, target, clock.left() - setup) if clock.left() > 2.0 * setup else None
         if res.status == 0:
             note = f"MILP optimal ({len(model.names)} nodes, {res.mip_node_count} B&B nodes)"
         else:

@@ -4,8 +4,9 @@ Call tree::
 
     GreedySolver.solve(problem)
     ├── least_recompute_plan(problem)   start: save every needed node that may be saved
+    ├── bind_expensive(problem, ...)    Note [recompute_expensive binds every solver]
     ├── descend(problem, saved, budget) un-save best bytes-freed per added cost (lazy greedy)
-    └── when the descent is stuck over budget:
+    └── when the descent is stuck over budget (or stopped at the time limit):
         ├── least_bytes_plan(problem)   the exact least-bytes plan (min-cut, networkx)
         └── refill(problem, saved, budget)  save back best cost-saved per added byte
 
@@ -24,7 +25,20 @@ Note [Greedy rematerialization heuristic]
     are always taken; costly ones only while over budget, best ratio first. Moves keep
     the plan valid by construction and strictly lower saved bytes, so the descent ends.
     Moves are kept in a heap and re-priced when popped (lazy greedy); a move re-enters
-    when a change reaches its walk; each search stops after 50 pricings per node.
+    when a change reaches its walk; each search stops after 50 pricings per node, or at the
+    time limit (a :class:`Clock`): the descent then hands over to the refill of the
+    least-bytes plan, which is within budget at every step, so a stopped search still
+    returns a valid plan within any feasible budget (the notes say it stopped).
+
+Note [recompute_expensive binds every solver]
+    ``RematConfig.recompute_expensive=False`` means no plan recomputes a compute-bound
+    (``expensive``) forward node, whatever the solver: the min-cut ties such a node to the
+    source (``ckptfx.solvers.mincut._source_reason``), and the budget solvers see it as
+    ``can_recompute=False`` (:func:`bind_expensive`), with the same exceptions: a MUST_ or
+    PREFER_RECOMPUTE vote (``force is RECOMPUTE`` or ``prefer < 0``) lets it be recomputed.
+    The least bytes a bound problem reaches is then the min-cut's without
+    ``recompute_expensive``; a budget below it is infeasible, and the notes say how far
+    ``recompute_expensive=True`` would go (:func:`expensive_note`).
 
 Note [Preference penalties]
     ``ProblemNode.prefer`` is priced as in the MILP of :mod:`ckptfx.solvers.budget`:
@@ -38,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import heapq
+import time
 from collections.abc import Iterable
 from typing import ClassVar
 
@@ -55,6 +70,72 @@ from ckptfx.solvers.base import (
 
 MAX_EVALS_PER_NODE = 50  # move pricings per problem node before a search stops
 _MIN_GAIN = 1e-12  # cost-model seconds; smaller refill gains are float noise
+
+
+EXPENSIVE_REASON = "compute-intensive op (recompute_expensive=False; True allows recomputing it)"
+
+
+class Clock:
+    """A wall-clock deadline shared by the steps of one solve, and whether a step hit it.
+
+    Args:
+        seconds: seconds from now (``time.monotonic``).
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+        self.hit = False
+
+    def left(self) -> float:
+        """Seconds to the deadline (negative past it)."""
+        return self.deadline - time.monotonic()
+
+    def expired(self) -> bool:
+        """Whether the deadline has passed; remembers that a step stopped at it."""
+        if time.monotonic() >= self.deadline:
+            self.hit = True
+        return self.hit
+
+
+def keeps_expensive(node: ProblemNode, recompute_expensive: bool) -> bool:
+    """Whether ``recompute_expensive`` forbids recomputing ``node`` (the min-cut's rule:
+    a compute-bound forward node, with no MUST_ or PREFER_RECOMPUTE vote)."""
+    return (node.in_forward and node.expensive and not recompute_expensive
+            and node.can_recompute and node.force != Force.RECOMPUTE and node.prefer >= 0)
+
+
+def bind_expensive(problem: SolveProblem, recompute_expensive: bool) -> SolveProblem:
+    """The problem with compute-bound nodes made unrecomputable unless ``recompute_expensive``
+    (Note [recompute_expensive binds every solver]); ``problem`` itself when nothing changes.
+    """
+    if recompute_expensive or not any(keeps_expensive(n, False) for n in problem.nodes):
+        return problem
+    nodes = tuple(dataclasses.replace(n, can_recompute=False, reason=n.reason or EXPENSIVE_REASON)
+                  if keeps_expensive(n, False) else n for n in problem.nodes)
+    return dataclasses.replace(problem, nodes=nodes)
+
+
+def expensive_note(free: SolveProblem, bound: SolveProblem, budget: int) -> str:
+    """What ``recompute_expensive=True`` would allow when the bound problem cannot meet
+    ``budget`` (bytes); "" when it would not help.
+
+    Args:
+        free: the problem as given (expensive nodes recomputable).
+        bound: :func:`bind_expensive` of it.
+        budget: the saved-bytes budget (bytes).
+    """
+    if free is bound:
+        return ""
+    floor = least_bytes_plan(free)
+    floor_bytes = saved_bytes(free, floor)
+    if floor_bytes >= saved_bytes(bound, least_bytes_plan(bound)):
+        return ""
+    recomputed, _ = needed_closure(free, set(floor))
+    nodes = free.by_name()
+    heavy = sorted(r for r in recomputed if keeps_expensive(nodes[r], False))
+    fits = "meets the budget" if floor_bytes <= budget else "comes closer"
+    return (f"recompute_expensive=True would allow down to {floor_bytes} B ({fits}), by "
+            f"recomputing compute-bound ops such as {', '.join(heavy[:3])}")
 
 
 def can_be_saved(node: ProblemNode) -> bool:
@@ -272,10 +353,12 @@ def _save_key(search: _Search, move: Move, budget: int | None) -> tuple | None:
 
 
 
-def _lazy_greedy(search: _Search, save: bool, budget: int | None, max_evals: int) -> None:
+def _lazy_greedy(search: _Search, save: bool, budget: int | None, max_evals: int,
+                 clock: Clock | None = None) -> None:
     """Applies the best move until none is left (lazy greedy: a popped move is re-priced and
     applied only if it still beats the next entry). The heap is rebuilt when it runs dry;
-    the search stops when a rebuild finds no move, or after ``max_evals`` pricings."""
+    the search stops when a rebuild finds no move, after ``max_evals`` pricings, or when
+    ``clock`` expires (checked before every pricing; ``clock.hit`` then says so)."""
     price = search.save_move if save else search.unsave_move
     keyf = _save_key if save else _unsave_key
     heap: list = []
@@ -288,12 +371,16 @@ def _lazy_greedy(search: _Search, save: bool, budget: int | None, max_evals: int
             heapq.heappush(heap, (tuple(-k for k in key), search.rank[name], name))
 
     while evals < max_evals:
+        if clock is not None and clock.expired():
+            return
         if not heap:
             if not applied:
                 return
             applied = False
             pool = search.recomputed if save else search.saved
             for name in sorted(pool, key=search.rank.__getitem__):
+                if clock is not None and clock.expired():
+                    return
                 push(name)
             evals += len(pool)
             continue
@@ -316,35 +403,44 @@ def _eval_cap(problem: SolveProblem) -> int:
     return MAX_EVALS_PER_NODE * len(problem.nodes) + 1000
 
 
-def descend(problem: SolveProblem, saved: Iterable[str], budget: int | None) -> tuple[str, ...]:
+def descend(problem: SolveProblem, saved: Iterable[str], budget: int | None,
+            clock: Clock | None = None) -> tuple[str, ...]:
     """Un-saves nodes greedily (Note [Greedy rematerialization heuristic]).
 
     Args:
         problem: the problem.
         saved: a valid saved set to start from.
         budget: bytes; None takes only moves that free bytes at no added cost.
+        clock: stop at its deadline with the moves made so far (``clock.hit`` says so).
 
     Returns:
         A valid saved set, in problem order, of no more bytes and (for ``budget=None``) no
         more penalised cost than ``saved``.
     """
     search = _Search(problem, saved)
-    _lazy_greedy(search, False, budget, _eval_cap(problem))
+    _lazy_greedy(search, False, budget, _eval_cap(problem), clock)
     return search.result()
 
 
-def refill(problem: SolveProblem, saved: Iterable[str], budget: int) -> tuple[str, ...]:
+def refill(problem: SolveProblem, saved: Iterable[str], budget: int,
+           clock: Clock | None = None) -> tuple[str, ...]:
     """Saves back recomputed nodes while that lowers the penalised cost within ``budget``.
 
     The inverse move of :func:`descend`, for when the descent got stuck above the budget:
     start from a plan within budget (the least-bytes plan) and repeatedly save the
     recomputed node that buys the most cost per added byte.
 
+    Args:
+        problem: the problem.
+        saved: a valid saved set within ``budget``.
+        budget: bytes.
+        clock: stop at its deadline with the moves made so far (each keeps the budget).
+
     Returns:
         A valid saved set within ``budget`` (if ``saved`` was), in problem order.
     """
     search = _Search(problem, prune_unused(problem, saved))
-    _lazy_greedy(search, True, budget, _eval_cap(problem))
+    _lazy_greedy(search, True, budget, _eval_cap(problem), clock)
     return search.result()
 
 
@@ -382,31 +478,55 @@ class GreedySolver:
         >>> GreedySolver().solve(p).saved
         ('x',)
 
+    Attributes:
+        recompute_expensive: let the plan recompute compute-bound nodes (Note
+            [recompute_expensive binds every solver]).
+
     Raises:
         UnsupportedGraphError: no valid plan exists (from :meth:`solve`).
     """
 
     name: ClassVar[str] = "greedy"
+    recompute_expensive: bool = False
 
     def solve(self, problem: SolveProblem) -> Solution:
-        """Solves ``problem`` heuristically; see the class docstring."""
+        """Solves ``problem`` heuristically within ``problem.time_limit_s``; see the class
+        docstring."""
         if not any(n.needed_by_backward for n in problem.nodes):
             return Solution(saved=(), objective=0.0, lower_bound=0.0,
                             notes=("backward reads no forward value",))
-        budget = problem.budget_bytes
-        saved = descend(problem, least_recompute_plan(problem), budget)
-        notes = ["heuristic: greedy descent from the least-recompute plan"]
-        feasible = True
-        if budget is not None and saved_bytes(problem, saved) > budget:
-            floor = least_bytes_plan(problem)
-            floor_bytes = saved_bytes(problem, floor)
-            feasible = floor_bytes <= budget
-            if feasible:
-                notes.append("descent stuck over budget; refilled the least-bytes plan")
-            else:
-                notes.append(f"infeasible: budget {budget} B is below the least-bytes plan "
-                             f"({floor_bytes} B); returning a least-bytes plan")
-            saved = refill(problem, floor, budget if feasible else floor_bytes)
+        clock = Clock(problem.time_limit_s)
+        bound = bind_expensive(problem, self.recompute_expensive)
+        saved, feasible, notes = greedy_search(bound, clock)
+        if not feasible:
+            notes += [n for n in (expensive_note(problem, bound, problem.budget_bytes),) if n]
+        if clock.hit:
+            notes.append(f"time limit: the greedy search stopped at time_limit_s="
+                         f"{problem.time_limit_s:g} with the best plan found so far")
         return Solution(saved=saved, objective=float(recompute_cost(problem, saved)),
                         lower_bound=None, feasible=feasible,
-                        reasons=describe(problem, saved, "greedy"), notes=tuple(notes))
+                        reasons=describe(bound, saved, "greedy"), notes=tuple(notes))
+
+
+def greedy_search(problem: SolveProblem, clock: Clock) -> tuple[tuple[str, ...], bool, list[str]]:
+    """The greedy's search: descend from the least-recompute plan; over budget (stuck, or
+    stopped by ``clock``), refill the least-bytes plan.
+
+    Returns:
+        (saved, feasible, notes).
+    """
+    budget = problem.budget_bytes
+    saved = descend(problem, least_recompute_plan(problem), budget, clock)
+    notes = ["heuristic: greedy descent from the least-recompute plan"]
+    feasible = True
+    if budget is not None and saved_bytes(problem, saved) > budget:
+        floor = least_bytes_plan(problem)
+        floor_bytes = saved_bytes(problem, floor)
+        feasible = floor_bytes <= budget
+        if feasible:
+            notes.append("descent over budget; refilled the least-bytes plan")
+        else:
+            notes.append(f"infeasible: budget {budget} B is below the least-bytes plan "
+                         f"({floor_bytes} B); returning a least-bytes plan")
+        saved = refill(problem, floor, budget if feasible else floor_bytes, clock)
+    return saved, feasible, notes

@@ -26,7 +26,14 @@ def register(name: str, factory: Callable[..., Solver]) -> None:
 
 
 def available() -> list[str]:
+    """Every solver name, built-in or registered, sorted."""
     return sorted(set(_LAZY) | set(_REGISTERED))
+
+
+def is_builtin(name: str) -> bool:
+    """Whether ``name`` resolves to a built-in solver (not a registered factory), so it takes
+    the built-ins' options (``recompute_expensive`` for mincut, budget, greedy, uniform)."""
+    return name in _LAZY and name not in _REGISTERED
 
 
 def get(name: str, **kwargs) -> Solver:

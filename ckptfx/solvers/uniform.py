@@ -55,9 +55,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 
 from ckptfx.errors import ConfigError
 from ckptfx.solvers.base import Force, ProblemNode, SolveProblem, Solution
+
+
+MIN_INNER_S = 0.05  # seconds the inner solver gets even when the constraints used the limit
 
 
 def default_k(n: int) -> int:
@@ -201,9 +205,10 @@ class UniformSolver:
     Args:
         layers_per_checkpoint: ``k``, blocks per segment; None means ``round(sqrt(n))``.
         inner: the solver for what the uniform constraints leave open: a registry name, or
-            None for ``"budget"`` when the problem has a budget and ``"mincut"`` otherwise.
-        recompute_expensive: passed to an inner min-cut (outside the blocks only: inside,
-            the constraints already recompute every op).
+            None for ``"mincut"``, or ``"budget"`` when the problem's budget is below the
+            min-cut plan's saved bytes.
+        recompute_expensive: passed to a built-in inner solver (it binds outside the blocks
+            only: inside, the constraints recompute every op by a forced vote).
 
     Without blocks (``problem.layers`` empty: the graph has no module metadata or no
     repeated container) the inner solver plans the whole graph and the notes say so.
@@ -228,15 +233,30 @@ class UniformSolver:
         self.recompute_expensive = recompute_expensive
 
     def _inner(self, problem: SolveProblem):
+        """(name, solver) for what the uniform constraints leave open. Without a configured
+        inner solver: the min-cut, unless a budget is below the min-cut plan's bytes (then
+        the budget solver): a budget the no-budget plan meets gives the no-budget plan."""
         from ckptfx.solvers import registry
+        from ckptfx.solvers.base import saved_bytes
+        from ckptfx.solvers.mincut import MinCutSolver
 
-        name = self.inner or ("budget" if problem.budget_bytes is not None else "mincut")
-        options = {"recompute_expensive": self.recompute_expensive} if name == "mincut" else {}
+        name = self.inner
+        if name is None:
+            budget = problem.budget_bytes
+            name = "mincut"
+            if budget is not None:
+                cut = MinCutSolver(self.recompute_expensive).solve(problem).saved
+                name = "mincut" if saved_bytes(problem, cut) <= budget else "budget"
+        options = ({"recompute_expensive": self.recompute_expensive}
+                   if registry.is_builtin(name) and name != "uniform" else {})
         return name, registry.get(name, **options)
 
     def solve(self, problem: SolveProblem) -> Solution:
-        inner_name, inner = self._inner(problem)
+        """Plans ``problem`` within ``problem.time_limit_s`` (the inner solver gets what the
+        constraints leave of it)."""
+        start = time.monotonic()
         if not problem.layers:
+            inner_name, inner = self._inner(problem)
             solution = inner.solve(problem)
             note = (f"uniform: no repeated blocks found (the graph has no module paths of an "
                     f"indexed container such as layers.0, layers.1); {inner_name} planned the "
@@ -250,7 +270,9 @@ class UniformSolver:
                 f"layers_per_checkpoint={k} exceeds the {n} repeated blocks of this graph; "
                 f"allowed values: 1..{n} (or None for round(sqrt(n)))")
         constrained, layout = uniform_constraints(problem, k)
-        solution = inner.solve(constrained)
+        inner_name, inner = self._inner(constrained)
+        left = problem.time_limit_s - (time.monotonic() - start)
+        solution = inner.solve(dataclasses.replace(constrained, time_limit_s=max(left, MIN_INNER_S)))
         reasons = dict(solution.reasons)
         for node in constrained.nodes:
             if node.name in layout.forced_save or node.name in layout.forced_recompute:
