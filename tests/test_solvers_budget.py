@@ -248,3 +248,124 @@ def test_large_sizes_and_small_costs():
         assert exact.feasible == greedy.feasible
         assert penalised_cost(problem, exact.saved) <= penalised_cost(problem, greedy.saved) + 1e-12
         assert exact.lower_bound <= exact.objective
+
+
+# --- recompute_expensive binds every solver ---------------------------------------------------
+
+
+def heavy_chain(budget=None, **overrides):
+    """x -> mm (expensive, 100 B) -> act (10 B) -> out; the backward reads mm and act."""
+    nodes = [node("x", 50, is_input=True),
+             node("mm", 100, 8, ("x",), needed_by_backward=True, expensive=True),
+             node("act", 10, 1, ("mm",), needed_by_backward=True),
+             node("out", 10, 1, ("act",))]
+    nodes = [dataclasses.replace(n, **overrides.get(n.name, {})) for n in nodes]
+    return SolveProblem(tuple(nodes), budget_bytes=budget)
+
+
+SOLVERS = [BudgetSolver, GreedySolver]
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: s.name)
+def test_expensive_nodes_are_kept_like_the_mincut_keeps_them(solver):
+    """recompute_expensive=False: the mm is never recomputed; a budget that needs it is
+    infeasible, the closest plan is the min-cut's, and the notes say what True allows."""
+    from ckptfx.solvers.mincut import MinCutSolver
+
+    problem = heavy_chain(50)
+    sol = solver().solve(problem)
+    assert_valid(problem, sol)
+    assert "mm" not in needed_closure(problem, set(sol.saved))[0]
+    assert not sol.feasible
+    assert sol.saved == MinCutSolver().solve(problem).saved == ("mm",)
+    assert any(n.startswith("recompute_expensive=True would allow down to 50 B (meets the "
+                            "budget), by recomputing compute-bound ops such as mm")
+               for n in sol.notes), sol.notes
+    allowed = solver(recompute_expensive=True).solve(problem)
+    assert (allowed.saved, allowed.feasible) == (("x",), True)
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: s.name)
+@pytest.mark.parametrize("vote", [{"force": Force.RECOMPUTE}, {"prefer": -1.0}],
+                         ids=["must-recompute", "prefer-recompute"])
+def test_a_recompute_vote_lets_an_expensive_node_be_recomputed(solver, vote):
+    from ckptfx.solvers.mincut import MinCutSolver
+
+    problem = heavy_chain(50, mm=vote)
+    sol = solver().solve(problem)
+    assert (sol.saved, sol.feasible) == (("x",), True)
+    assert MinCutSolver().solve(problem).saved == ("x",)
+
+
+# --- time limits ----------------------------------------------------------------------------
+
+
+def ladder(rungs, time_limit_s, budget_share=0.25):
+    """A ladder of ``rungs`` rungs (2 nodes each): a_i = f(b_{i-1}), b_i = g(a_i, b_{i-1});
+    the backward reads every a_i and every other b_i; sizes and costs vary by rung."""
+    nodes, prev = [node("x", 1000, is_input=True)], "x"
+    for i in range(rungs):
+        a = node(f"a{i}", 1000 + (i * 37) % 500, 1e-3 * (1 + (i * 13) % 7), (prev,),
+                 needed_by_backward=True)
+        b = node(f"b{i}", 500 + (i * 53) % 700, 1e-4 * (1 + (i * 11) % 5), (a.name, prev),
+                 needed_by_backward=i % 2 == 0)
+        nodes += [a, b]
+        prev = b.name
+    total = sum(n.nbytes for n in nodes)
+    return SolveProblem(tuple(nodes), budget_bytes=int(total * budget_share),
+                        time_limit_s=time_limit_s)
+
+
+def _elapsed(solver, problem):
+    import time
+
+    start = time.monotonic()
+    sol = solver.solve(problem)
+    return time.monotonic() - start, sol
+
+
+@pytest.mark.parametrize("solver, limits", [
+    (BudgetSolver(), (0.2, 2.0)),  # the greedy (no time for the MILP); the MILP
+    (GreedySolver(), (0.02,)),
+], ids=["budget", "greedy"])
+def test_time_limit_is_kept(solver, limits):
+    """A contract, not a benchmark: every step of a solve shares ``time_limit_s``, so a
+    2,001-node ladder is planned within the limit plus a second, validly and within budget
+    (Note [Keeping the time limit] in ckptfx/solvers/budget.py)."""
+    BudgetSolver().solve(ladder(5, 1.0))  # imports (networkx, scipy) before any timing
+    for limit in limits:
+        problem = ladder(1000, limit)
+        elapsed, sol = _elapsed(solver, problem)
+        assert elapsed <= limit + 1.0, (elapsed, sol.notes)
+        assert_valid(problem, sol)
+        assert sol.feasible
+
+
+def test_uniform_keeps_the_time_limit_through_its_inner_solver():
+    from ckptfx.solvers.uniform import UniformSolver
+
+    base = ladder(1000, 0.3)
+    layers = tuple((f"a{i}", f"b{i}") for i in range(1000))
+    problem = dataclasses.replace(base, layers=layers, budget_bytes=base.budget_bytes // 2)
+    BudgetSolver().solve(ladder(5, 1.0))
+    elapsed, sol = _elapsed(UniformSolver(layers_per_checkpoint=10), problem)
+    assert elapsed <= problem.time_limit_s + 1.0, (elapsed, sol.notes)
+    assert_valid(problem, sol)
+
+
+def test_a_stopped_greedy_returns_a_valid_plan_within_budget_and_says_so():
+    problem = ladder(200, 1e-6)
+    sol = GreedySolver().solve(problem)
+    assert_valid(problem, sol)
+    assert sol.feasible
+    assert any(n.startswith("time limit: the greedy search stopped") for n in sol.notes)
+    roomy = GreedySolver().solve(dataclasses.replace(problem, time_limit_s=10.0))
+    assert not any(n.startswith("time limit") for n in roomy.notes)
+    assert penalised_cost(problem, roomy.saved) <= penalised_cost(problem, sol.saved)
+
+
+def test_no_milp_without_time_for_it():
+    sol = BudgetSolver().solve(ladder(200, 1e-6))
+    assert any("does not fit the time left" in n for n in sol.notes)
+    assert any(n.startswith("time limit: stopped") for n in sol.notes)
+    assert_valid(ladder(200, 1e-6), sol)
