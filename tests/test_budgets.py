@@ -196,3 +196,41 @@ def test_peak_search_keeps_to_the_time_limit():
     # past the deadline only the least-bytes plan and the no-budget plan are simulated
     assert simulated(hurried) == 2 < simulated(roomy)
     assert hurried.predicted_peak_bytes <= hurried.budget_bytes
+
+
+# ---- a budget the no-budget plan meets is that plan --------------------------------------------
+
+def _same_plan(got, want):
+    assert (got.saved, got.recomputed, got.saved_bytes) == (want.saved, want.recomputed,
+                                                           want.saved_bytes)
+    assert got.feasible
+
+
+@pytest.mark.parametrize("name", sorted(ckptfx.testing.TOY_GRAPHS))
+def test_fraction_one_and_any_larger_bytes_are_the_no_budget_plan(name):
+    """Note [A budget the no-budget plan meets] in ckptfx/planner.py: 1.0, the no-budget
+    plan's bytes and more give exactly the plan without a budget, whatever the solver."""
+    fn, inputs = ckptfx.testing.TOY_GRAPHS[name]()
+    joint = ckptfx.trace_joint(fn, *inputs)
+    default = ckptfx.plan_remat(joint)
+    for budget, solver in ((1.0, "auto"), (1.0, "greedy"), (default.saved_bytes, "budget"),
+                           (default.saved_bytes + 4096, "auto")):
+        config = RematConfig(memory_budget=budget if isinstance(budget, float) else
+                             ckptfx.MemoryBudget(nbytes=budget), budget_kind="saved",
+                             solver=solver)
+        _same_plan(ckptfx.plan_remat(joint, config), default)
+
+
+@pytest.mark.parametrize("recompute_expensive", [False, True])
+def test_fraction_one_on_a_gpt_is_the_no_budget_plan(recompute_expensive):
+    from toy_models import gpt
+
+    model, inputs = gpt()
+    joint = ckptfx.trace_joint(model, *inputs)
+    default = ckptfx.plan_remat(joint, RematConfig(recompute_expensive=recompute_expensive))
+    one = ckptfx.plan_remat(joint, RematConfig(memory_budget=1.0, budget_kind="saved",
+                                               recompute_expensive=recompute_expensive))
+    _same_plan(one, default)
+    assert one.notes[0].startswith(f"budget {default.saved_bytes} B >= the no-budget plan's")
+    if not recompute_expensive:  # no matmul recomputed, as without a budget
+        assert not {"addmm", "bmm", "mm"} & set(ops_of(one, one.recomputed))

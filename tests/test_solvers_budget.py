@@ -344,13 +344,17 @@ def test_time_limit_is_kept(solver, limits):
 def test_uniform_keeps_the_time_limit_through_its_inner_solver():
     from ckptfx.solvers.uniform import UniformSolver
 
-    base = ladder(1000, 0.3)
-    layers = tuple((f"a{i}", f"b{i}") for i in range(1000))
-    problem = dataclasses.replace(base, layers=layers, budget_bytes=base.budget_bytes // 2)
+    base = ladder(500, 0.3)
+    layers = tuple((f"a{i}", f"b{i}") for i in range(500))
     BudgetSolver().solve(ladder(5, 1.0))
-    elapsed, sol = _elapsed(UniformSolver(layers_per_checkpoint=10), problem)
-    assert elapsed <= problem.time_limit_s + 1.0, (elapsed, sol.notes)
-    assert_valid(problem, sol)
+    inners = []
+    for budget in (base.budget_bytes, 0):  # the min-cut meets the first; the MILP the second
+        problem = dataclasses.replace(base, layers=layers, budget_bytes=budget)
+        elapsed, sol = _elapsed(UniformSolver(layers_per_checkpoint=10), problem)
+        assert elapsed <= problem.time_limit_s + 1.0, (elapsed, sol.notes)
+        assert_valid(problem, sol)
+        inners.append(sol.notes[0].rsplit("; ", 1)[1])
+    assert inners == ["mincut planned the rest", "budget planned the rest"]
 
 
 def test_a_stopped_greedy_returns_a_valid_plan_within_budget_and_says_so():

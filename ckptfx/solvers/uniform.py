@@ -56,6 +56,7 @@ import dataclasses
 import logging
 import math
 import time
+from typing import Any
 
 from ckptfx.errors import ConfigError
 from ckptfx.solvers.base import Force, ProblemNode, SolveProblem, Solution
@@ -232,32 +233,33 @@ class UniformSolver:
         self.inner = inner
         self.recompute_expensive = recompute_expensive
 
-    def _inner(self, problem: SolveProblem):
-        """(name, solver) for what the uniform constraints leave open. Without a configured
-        inner solver: the min-cut, unless a budget is below the min-cut plan's bytes (then
-        the budget solver): a budget the no-budget plan meets gives the no-budget plan."""
+    def _inner(self, problem: SolveProblem) -> tuple[str, Any, Solution | None]:
+        """(name, solver, its solution if already known) for what the uniform constraints
+        leave open. Without a configured inner solver: the min-cut, unless a budget is below
+        the min-cut plan's bytes (then the budget solver): a budget the no-budget plan meets
+        gives the no-budget plan (Note [A budget the no-budget plan meets] in planner.py)."""
         from ckptfx.solvers import registry
         from ckptfx.solvers.base import saved_bytes
         from ckptfx.solvers.mincut import MinCutSolver
 
-        name = self.inner
+        name, known = self.inner, None
         if name is None:
-            budget = problem.budget_bytes
             name = "mincut"
-            if budget is not None:
-                cut = MinCutSolver(self.recompute_expensive).solve(problem).saved
-                name = "mincut" if saved_bytes(problem, cut) <= budget else "budget"
+            if problem.budget_bytes is not None:
+                known = MinCutSolver(self.recompute_expensive).solve(problem)
+                if saved_bytes(problem, known.saved) > problem.budget_bytes:
+                    name, known = "budget", None
         options = ({"recompute_expensive": self.recompute_expensive}
                    if registry.is_builtin(name) and name != "uniform" else {})
-        return name, registry.get(name, **options)
+        return name, registry.get(name, **options), known
 
     def solve(self, problem: SolveProblem) -> Solution:
         """Plans ``problem`` within ``problem.time_limit_s`` (the inner solver gets what the
         constraints leave of it)."""
         start = time.monotonic()
         if not problem.layers:
-            inner_name, inner = self._inner(problem)
-            solution = inner.solve(problem)
+            inner_name, inner, known = self._inner(problem)
+            solution = known or inner.solve(problem)
             note = (f"uniform: no repeated blocks found (the graph has no module paths of an "
                     f"indexed container such as layers.0, layers.1); {inner_name} planned the "
                     f"whole graph")
@@ -270,9 +272,10 @@ class UniformSolver:
                 f"layers_per_checkpoint={k} exceeds the {n} repeated blocks of this graph; "
                 f"allowed values: 1..{n} (or None for round(sqrt(n)))")
         constrained, layout = uniform_constraints(problem, k)
-        inner_name, inner = self._inner(constrained)
+        inner_name, inner, known = self._inner(constrained)
         left = problem.time_limit_s - (time.monotonic() - start)
-        solution = inner.solve(dataclasses.replace(constrained, time_limit_s=max(left, MIN_INNER_S)))
+        solution = known or inner.solve(
+            dataclasses.replace(constrained, time_limit_s=max(left, MIN_INNER_S)))
         reasons = dict(solution.reasons)
         for node in constrained.nodes:
             if node.name in layout.forced_save or node.name in layout.forced_recompute:
