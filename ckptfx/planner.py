@@ -166,12 +166,12 @@ def no_budget_within(problem: SolveProblem, solver: str, config: RematConfig) ->
         on other values by its cost model, so ``memory_budget=1.0`` would plan differently
         from no budget at all. A budget below it that no plan meets without recomputing
         what ``recompute_expensive=False`` forbids (Note [recompute_expensive binds every
-        solver] in ckptfx/solvers/knapsack.py) gets the no-budget plan too, as the closest
+        solver] in ckptfx/solvers/rules.py) gets the no-budget plan too, as the closest
         plan: a smaller budget never changes the plan by a tie-break. The uniform solver
         applies the first rule to its inner solver; a user's registered solver gets every
         budget.
     """
-    from ckptfx.solvers.knapsack import bind_expensive, expensive_note, least_bytes_plan
+    from ckptfx.solvers.rules import bind_expensive, expensive_note, least_bytes_plan
     from ckptfx.solvers.mincut import MinCutSolver
 
     budget = problem.budget_bytes
@@ -363,7 +363,7 @@ def select_solver(config: RematConfig) -> tuple[str, dict[str, Any]]:
 
 def _solver_kwargs(name: str, config: RematConfig) -> dict[str, Any]:
     """The config's options for a built-in solver: ``recompute_expensive`` binds every one
-    (Note [recompute_expensive binds every solver] in ckptfx/solvers/knapsack.py)."""
+    (Note [recompute_expensive binds every solver] in ckptfx/solvers/rules.py)."""
     if not registry.is_builtin(name):
         return {}
     if name == "uniform":

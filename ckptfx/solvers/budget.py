@@ -14,7 +14,7 @@ Call tree::
 
 Every step shares one :class:`~ckptfx.solvers.knapsack.Clock` (Note [Keeping the time
 limit]); compute-bound nodes are recomputed only with ``recompute_expensive`` (Note
-[recompute_expensive binds every solver] in knapsack.py).
+[recompute_expensive binds every solver] in rules.py).
 
 Note [Budget MILP formulation]
     Over the candidates that are ancestors of a backward read (the others never matter),
@@ -29,7 +29,7 @@ Note [Budget MILP formulation]
              s_v = 0    not can_save, or force is RECOMPUTE
 
     ``c_v`` is the recompute cost (0 if not in_forward), ``p_v`` the preference
-    (Note [Preference penalties] in knapsack.py), ``eps_v`` the byte tie-break below. Any
+    (Note [Preference penalties] in rules.py), ``eps_v`` the byte tie-break below. Any
     feasible (s, r) has r containing the closure of needed_closure(s), so its s is a valid
     saved set; conversely a valid set with r = its closure is feasible: the optimum over
     the program is the optimum over valid plans. ``force is RECOMPUTE`` forbids saving
@@ -80,18 +80,15 @@ from typing import ClassVar
 import numpy as np
 
 from ckptfx.solvers.base import SolveProblem, Solution, needed_closure, recompute_cost, saved_bytes
-from ckptfx.solvers.knapsack import (
+from ckptfx.solvers.knapsack import descend, describe, greedy_search, prune_unused
+from ckptfx.solvers.rules import (
     Clock,
     backward_penalty,
     bind_expensive,
     can_be_saved,
     can_run_in_backward,
-    descend,
-    describe,
     expensive_note,
-    greedy_search,
     least_bytes_plan,
-    prune_unused,
     save_penalty,
 )
 
@@ -273,7 +270,7 @@ class BudgetSolver:
         max_nodes: above this many modelled nodes, use the greedy heuristic.
         mip_rel_gap: HiGHS's relative optimality gap (Note [Budget objective scaling]).
         recompute_expensive: let the plan recompute compute-bound nodes (Note
-            [recompute_expensive binds every solver] in knapsack.py).
+            [recompute_expensive binds every solver] in rules.py).
 
     Raises:
         UnsupportedGraphError: no valid plan exists whatever the budget (from :meth:`solve`;
