@@ -24,8 +24,8 @@ Note [Fused pointwise chains]
     producer (it heads a chain). So an interior op of a chain (``erf`` of ``x * c``, read
     by another pointwise op) costs 0, and the chain's total is its external reads, its
     materialized writes and a launch per head. An input read by two ops of a chain counts
-    twice (an upper bound). ``cost_model="profile"`` times ops one by one and knows no
-    fusion.
+    twice (an upper bound). ``cost_model="profile"`` times the ops with a cost, one by one
+    (a chain's head at its full unfused time); the interior ops of a chain stay at 0.
 """
 
 from __future__ import annotations
