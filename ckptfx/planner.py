@@ -363,12 +363,24 @@ def select_solver(config: RematConfig) -> tuple[str, dict[str, Any]]:
 
 def _solver_kwargs(name: str, config: RematConfig) -> dict[str, Any]:
     """The config's options for a built-in solver: ``recompute_expensive`` binds every one
-    (Note [recompute_expensive binds every solver] in ckptfx/solvers/rules.py)."""
+    (Note [recompute_expensive binds every solver] in ckptfx/solvers/rules.py), except the
+    budget solvers a peak search runs (Note [Peak searches recompute what they must])."""
     if not registry.is_builtin(name):
         return {}
     if name == "uniform":
         return {"layers_per_checkpoint": config.layers_per_checkpoint,
                 "recompute_expensive": config.recompute_expensive}
+    peak = config.memory_budget is not None and config.effective_budget_kind == "peak"
+    if name in ("budget", "greedy") and peak:
+        # Note [Peak searches recompute what they must]
+        #     A peak budget below the no-budget plan's peak is met by recomputing more than
+        #     the min-cut does, matmuls included (the repeated blocks' options, from
+        #     ckptfx.solvers.blocks, are not bound either); bound by recompute_expensive=False,
+        #     the search's saved-bytes candidates could not go below the min-cut plan, and on
+        #     a graph without repeated blocks every peak budget below 1.0 would be infeasible
+        #     (tests/test_budgets.py::test_peak_budget_is_met_by_simulated_peak). The
+        #     no-budget plan, fraction 1.0 of the scale, keeps the config's choice.
+        return {"recompute_expensive": True}
     return {"recompute_expensive": config.recompute_expensive}
 
 

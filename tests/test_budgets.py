@@ -121,9 +121,9 @@ def test_peak_budget_is_met_by_simulated_peak():
     shapes = [(512, 64), (64, 256), (256, 256), (256, 64)]
     inputs = [torch.randn(*s, requires_grad=True) for s in shapes]
     joint = ckptfx.trace_joint(three_layers, *inputs)
-    full = ckptfx.plan_remat(joint, cfg(
+    full = ckptfx.plan_remat(joint, RematConfig.from_options(
         {"memory_budget": 1.0, "budget_kind": "peak"}))
-    least = ckptfx.plan_remat(joint, cfg(
+    least = ckptfx.plan_remat(joint, RematConfig.from_options(
         {"memory_budget": 0.0, "budget_kind": "peak"}))
     assert full.feasible and least.feasible
     assert least.predicted_peak_bytes <= least.budget_bytes
@@ -131,7 +131,7 @@ def test_peak_budget_is_met_by_simulated_peak():
     # a byte budget between the two is met, and the peak never rises as the budget falls
     mid_budget = (least.predicted_peak_bytes + full.predicted_peak_bytes) // 2
     mid = ckptfx.plan_remat(joint, RematConfig(memory_budget=ckptfx.MemoryBudget(
-        nbytes=mid_budget), budget_kind="peak", recompute_expensive=True))
+        nbytes=mid_budget), budget_kind="peak"))
     assert mid.feasible and mid.predicted_peak_bytes <= mid_budget
     assert least.predicted_peak_bytes <= mid.predicted_peak_bytes <= full.predicted_peak_bytes
     # the plan's peak is what the memory model says of the emitted graphs
@@ -140,11 +140,10 @@ def test_peak_budget_is_met_by_simulated_peak():
     # below the least peak: closest plan, or an error naming the smallest figure
     with pytest.raises(InfeasibleBudgetError) as info:
         ckptfx.plan_remat(joint, RematConfig(memory_budget=ckptfx.MemoryBudget(nbytes=1000),
-                                             budget_kind="peak", strict=True,
-                                             recompute_expensive=True))
+                                             budget_kind="peak", strict=True))
     assert info.value.smallest_bytes == least.predicted_peak_bytes
     _, ref = grads_of(three_layers, inputs)
-    _, got, _ = run_partitioned(three_layers, inputs, cfg(
+    _, got, _ = run_partitioned(three_layers, inputs, RematConfig.from_options(
         {"memory_budget": 0.0, "budget_kind": "peak"}))
     assert_bitwise(got, ref)
 

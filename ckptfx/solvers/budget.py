@@ -270,7 +270,8 @@ class BudgetSolver:
         max_nodes: above this many modelled nodes, use the greedy heuristic.
         mip_rel_gap: HiGHS's relative optimality gap (Note [Budget objective scaling]).
         recompute_expensive: let the plan recompute compute-bound nodes (Note
-            [recompute_expensive binds every solver] in rules.py).
+            [recompute_expensive binds every solver] in rules.py). True by default: the
+            solver alone is unconstrained; the planner passes ``RematConfig``'s.
 
     Raises:
         UnsupportedGraphError: no valid plan exists whatever the budget (from :meth:`solve`;
@@ -280,7 +281,7 @@ class BudgetSolver:
     name: ClassVar[str] = "budget"
     max_nodes: int = MAX_MILP_NODES
     mip_rel_gap: float = MIP_REL_GAP
-    recompute_expensive: bool = False
+    recompute_expensive: bool = True
 
     def solve(self, problem: SolveProblem) -> Solution:
         """Solves ``problem`` within ``problem.time_limit_s``; see the class docstring."""

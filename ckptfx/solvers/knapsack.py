@@ -364,14 +364,15 @@ class GreedySolver:
 
     Attributes:
         recompute_expensive: let the plan recompute compute-bound nodes (Note
-            [recompute_expensive binds every solver] in rules.py).
+            [recompute_expensive binds every solver] in rules.py). True by default: the
+            solver alone is unconstrained; the planner passes ``RematConfig``'s.
 
     Raises:
         UnsupportedGraphError: no valid plan exists (from :meth:`solve`).
     """
 
     name: ClassVar[str] = "greedy"
-    recompute_expensive: bool = False
+    recompute_expensive: bool = True
 
     def solve(self, problem: SolveProblem) -> Solution:
         """Solves ``problem`` heuristically within ``problem.time_limit_s``; see the class
