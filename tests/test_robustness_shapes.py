@@ -244,8 +244,6 @@ def _unbacked_run(name, options):
     args = make_args(x, w)
     fn(*args).backward()
     ref, w.grad = w.grad.clone(), None
-    if options.get("memory_budget") is not None:  # strict budgets below the no-budget plan
-        options = {"recompute_expensive": True, **options}  # recompute the matmul
     backend = ckptfx.CkptBackend(inner="eager", strict=True, **options)
     with dynamo_config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True), \
             captured_plans() as seen:
