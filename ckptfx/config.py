@@ -154,8 +154,11 @@ class RematConfig:
         inner: ``"inductor"`` (Inductor codegen with ckptfx as partitioner) or ``"eager"``.
         strict: raise instead of falling back (infeasible budget, unsupported graph).
         cost_model: ``"roofline"`` (FLOPs and bytes moved) or ``"profile"`` (timed ops).
-        recompute_expensive: allow the min-cut to recompute compute-bound ops
-            (matmul, convolution, attention). Off by default: PyTorch's choice too.
+        recompute_expensive: whether compute-bound ops (matmul, convolution, attention) may
+            be recomputed (Note [Recomputing expensive ops]). None (default): not by the
+            no-budget plan (PyTorch's min-cut makes the same choice), but a memory budget
+            may recompute them, at their cost. True: the min-cut may too. False: no solver
+            recomputes them, whatever the budget (an unmet budget says how far True goes).
         layers_per_checkpoint: k of the uniform policy/solver; None means round(sqrt(n)).
             Only with ``policy="uniform"`` or ``solver="uniform"``.
         time_limit_s: wall-clock limit of exact solvers and of the peak search, seconds (> 0).
@@ -183,7 +186,7 @@ class RematConfig:
     inner: str = "inductor"
     strict: bool = False
     cost_model: str = "roofline"
-    recompute_expensive: bool = False
+    recompute_expensive: bool | None = None
     layers_per_checkpoint: int | None = None
     time_limit_s: float = 10.0
     unbacked_size_hint: int = 4096
@@ -196,7 +199,10 @@ class RematConfig:
         _choice("solver", self.solver, solver_names())
         _choice("inner", self.inner, INNERS)
         _choice("cost_model", self.cost_model, COST_MODELS)
-        for flag in ("strict", "recompute_expensive", "verify_ranks"):
+        if self.recompute_expensive is not None and not isinstance(self.recompute_expensive, bool):
+            raise ConfigError(f"recompute_expensive={self.recompute_expensive!r}: allowed values: "
+                              f"None, True, False")
+        for flag in ("strict", "verify_ranks"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag}={getattr(self, flag)!r}: allowed values: True, False")
         if self.memory_budget is not None and not isinstance(self.memory_budget, MemoryBudget):
@@ -236,6 +242,28 @@ class RematConfig:
 
         request = solver_request(self.policy) if self.policy is not None else None
         return self.solver == "uniform" or (request is not None and request[0] == "uniform")
+
+    @property
+    def mincut_recompute_expensive(self) -> bool:
+        """Whether the no-budget plan (the min-cut) may recompute compute-bound ops.
+
+        Note [Recomputing expensive ops]
+            The plan without a budget saves the output of a matmul, a convolution or an
+            attention rather than recompute it, as PyTorch's min-cut does: memory bought
+            with the most compute is the worst trade. A memory budget asks for less memory
+            than that plan keeps, and below it recomputing a matmul is often the only way
+            (a checkpointed block recomputes its matmuls), so by default (``None``) the
+            budget solvers and the peak search may recompute them, pricing them by their
+            cost. ``True`` lets the min-cut recompute them too (its fewest bytes);
+            ``False`` binds every solver, budgets included.
+        """
+        return bool(self.recompute_expensive)
+
+    @property
+    def budget_recompute_expensive(self) -> bool:
+        """Whether a memory budget's solvers may recompute compute-bound ops (Note
+        [Recomputing expensive ops]): unless ``recompute_expensive=False``."""
+        return self.recompute_expensive is not False
 
     @property
     def effective_budget_kind(self) -> str:

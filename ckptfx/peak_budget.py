@@ -80,18 +80,19 @@ def peak_candidates(joint: JointGraph, prep: Prepared) -> PeakCandidates:
     name, solver = prep.solver()
     problem = prep.problem
     start = time.perf_counter()
-    default = Solution(mincut_saved(problem, prep.config.recompute_expensive))
+    default = Solution(mincut_saved(problem, prep.config.mincut_recompute_expensive))
 
     def to_plan(p, s):
         return prep.to_plan(p, s, name)
 
     config = prep.config
-    chain = name == "budget" and config.solver == "auto"  # the user chose no solver or policy
+    # the user chose no solver or policy, and allows checkpointed blocks' recomputed matmuls
+    chain = name == "budget" and config.solver == "auto" and config.budget_recompute_expensive
     deadline = time.monotonic() + problem.time_limit_s
     anchor = evaluate(joint, problem, default, to_plan)
     if chain and len(problem.layers) >= 2 and anchor.peak is not None:
         seen, notes = chain_candidates(joint, problem, anchor, to_plan,
-                                       config.recompute_expensive, deadline)
+                                       config.mincut_recompute_expensive, deadline)
     else:
         seen, notes = [anchor] + _sweep(joint, problem, solver, default, to_plan, deadline), ()
     if all(c.peak is None for c in seen):

@@ -8,7 +8,6 @@ Call tree::
 
     chain_candidates(joint, problem, anchor, to_plan, ...)
     ├── layerwise_candidates(problem)      every block checkpointed (k = 1), and k = sqrt(n)
-    ├── least_bytes(problem)               the min-cut's least-bytes plan
     ├── measure_chain(joint, problem, ...) ChainModel from the two simulated timelines
     │   └── region_peaks(timeline, ...)    the most bytes live while each block runs
     ├── solve_chain(model, t)              at GRID model targets     (solvers/chain.py)
@@ -23,17 +22,16 @@ Note [Peak search paths]
     every block ``keep`` (the no-budget plan) and every block ``checkpoint``; its dynamic
     program then gives, for GRID model targets evenly spaced from the least model peak to
     the no-budget plan's, the cheapest assignment, which is applied and simulated. Together
-    with the uniform plan at k = round(sqrt(n)) and the least-bytes plan (which keeps no
-    boundary: each block's input is recomputed when the backward first needs it, after the
-    head's backward, so it can have the least peak of all) these candidates are the same whatever the
+    with the uniform plan at k = round(sqrt(n)) these candidates are the same whatever the
     budget, and the answer is the cheapest whose *simulated* peak fits (the simulation is
     the judge; the notes give the largest gap between the model's peak and the simulated
     one). A fixed candidate set is what makes budgets monotone: a smaller budget can only
     exclude candidates, so its plan never has a higher simulated peak. A budget at or above
     the no-budget plan's peak (a fraction of 1.0) returns the no-budget plan itself.
 
-    Graphs without repeated blocks (or with a solver or policy chosen by the user) take the
-    saved-bytes sweep of :mod:`ckptfx.peak_budget` instead.
+    Graphs without repeated blocks (or with a solver or policy chosen by the user, or with
+    ``recompute_expensive=False``, which a checkpointed block's recomputed matmuls would
+    break) take the saved-bytes sweep of :mod:`ckptfx.peak_budget` instead.
 """
 
 from __future__ import annotations
@@ -80,15 +78,6 @@ def layerwise_candidates(problem: SolveProblem, recompute_expensive: bool = Fals
     return tuple(UniformSolver(layers_per_checkpoint=k, inner="mincut",
                                recompute_expensive=recompute_expensive).solve(plain)
                  for k in sorted({1, default_k(len(problem.layers))}))
-
-
-def least_bytes(problem: SolveProblem) -> Solution:
-    """The min-cut's least-bytes plan (every op may be recomputed): nothing is kept at block
-    boundaries, and each value is recomputed once, when the backward first needs it, so a
-    block's inputs come alive only after the head's backward, which can lower the peak."""
-    from ckptfx.solvers.mincut import MinCutSolver
-
-    return MinCutSolver(recompute_expensive=True).solve(problem)
 
 
 def checkpoint_blocks(problem: SolveProblem, which: tuple[int, ...],
@@ -183,11 +172,11 @@ class _Group:
     plans: tuple[BlockPlan, ...]
 
 
-def block_groups(joint, problem: SolveProblem, maps, recompute_expensive: bool,
-                 deadline: float) -> list[_Group]:
+def block_groups(joint, problem: SolveProblem, maps, recompute_expensive: bool
+                 ) -> list[_Group]:
     """Groups the blocks by shape and solves each group's middle block once
-    (:func:`ckptfx.solvers.blocks.block_options`), each solve within a share of the time
-    left."""
+    (:func:`ckptfx.solvers.blocks.block_options`), each solve within a fixed share of
+    ``time_limit_s``."""
     needed, natives = _local_parts(joint, problem, maps)
     shapes: dict[tuple, list[int]] = {}
     for i, block in enumerate(problem.layers):
@@ -197,7 +186,9 @@ def block_groups(joint, problem: SolveProblem, maps, recompute_expensive: bool,
         ref = members[len(members) // 2]
         local = block_problem(problem, problem.layers[ref], needed.get(ref, set()),
                               tuple(natives.get(ref, ())))
-        share = (deadline - time.monotonic()) / (2 * (SELECTIVE + 1) * len(shapes))
+        # a fixed share of the limit, not of the time left: the plan must not depend on
+        # how fast the machine ran what came before (every rank plans the same)
+        share = problem.time_limit_s / (2 * (SELECTIVE + 1) * len(shapes))
         local = dataclasses.replace(local, time_limit_s=max(0.1, share))
         plans = block_options(local, recompute_expensive, bounds=SELECTIVE + 1)
         between = plans[1:-1] or plans[-1:]  # least bytes .. keep: the plans in between
@@ -292,7 +283,7 @@ def chain_candidates(joint, problem: SolveProblem, anchor: Candidate, to_plan,
     if ckpt.timeline is None or anchor.timeline is None:
         return seen, ("peak search: block chain not measured (no simulated timeline)",)
     maps = block_maps(joint, problem)
-    groups = block_groups(joint, problem, maps, recompute_expensive, deadline)
+    groups = block_groups(joint, problem, maps, recompute_expensive)
     tried = {(KEEP,) * n: anchor, (CHECKPOINT,) * n: ckpt}
     uniform = {KEEP: anchor, CHECKPOINT: ckpt}
     for o in range(2, 2 + SELECTIVE):

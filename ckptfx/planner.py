@@ -177,12 +177,12 @@ def no_budget_within(problem: SolveProblem, solver: str, config: RematConfig) ->
     budget = problem.budget_bytes
     if budget is None or solver not in ("budget", "greedy") or not registry.is_builtin(solver):
         return None
-    nbytes = saved_bytes(problem, mincut_saved(problem, config.recompute_expensive))
-    bound = bind_expensive(problem, config.recompute_expensive)
+    nbytes = saved_bytes(problem, mincut_saved(problem, config.mincut_recompute_expensive))
+    bound = bind_expensive(problem, config.budget_recompute_expensive)
     feasible = nbytes <= budget
     if not feasible and saved_bytes(bound, least_bytes_plan(bound)) < nbytes:
         return None
-    solution = MinCutSolver(config.recompute_expensive).solve(problem)
+    solution = MinCutSolver(config.mincut_recompute_expensive).solve(problem)
     which = f"(min-cut, recompute_expensive={config.recompute_expensive})"
     if feasible:
         notes = (f"budget {budget} B >= the no-budget plan's {nbytes} B: the no-budget plan "
@@ -321,7 +321,7 @@ def saved_budget(problem: SolveProblem, budget, config: RematConfig) -> int:
     if budget.fraction is None:
         return budget.nbytes
     least = saved_bytes(problem, mincut_saved(problem, True))
-    default = saved_bytes(problem, mincut_saved(problem, config.recompute_expensive))
+    default = saved_bytes(problem, mincut_saved(problem, config.mincut_recompute_expensive))
     return budget.resolve(least, default)
 
 
@@ -362,26 +362,18 @@ def select_solver(config: RematConfig) -> tuple[str, dict[str, Any]]:
 
 
 def _solver_kwargs(name: str, config: RematConfig) -> dict[str, Any]:
-    """The config's options for a built-in solver: ``recompute_expensive`` binds every one
-    (Note [recompute_expensive binds every solver] in ckptfx/solvers/rules.py), except the
-    budget solvers a peak search runs (Note [Peak searches recompute what they must])."""
+    """The config's options for a built-in solver: the min-cut (and the uniform solver's inner
+    min-cut) take ``mincut_recompute_expensive``, the budget solvers
+    ``budget_recompute_expensive`` (Note [Recomputing expensive ops] in ckptfx/config.py;
+    Note [recompute_expensive binds every solver] in ckptfx/solvers/rules.py)."""
     if not registry.is_builtin(name):
         return {}
     if name == "uniform":
         return {"layers_per_checkpoint": config.layers_per_checkpoint,
-                "recompute_expensive": config.recompute_expensive}
-    peak = config.memory_budget is not None and config.effective_budget_kind == "peak"
-    if name in ("budget", "greedy") and peak:
-        # Note [Peak searches recompute what they must]
-        #     A peak budget below the no-budget plan's peak is met by recomputing more than
-        #     the min-cut does, matmuls included (the repeated blocks' options, from
-        #     ckptfx.solvers.blocks, are not bound either); bound by recompute_expensive=False,
-        #     the search's saved-bytes candidates could not go below the min-cut plan, and on
-        #     a graph without repeated blocks every peak budget below 1.0 would be infeasible
-        #     (tests/test_budgets.py::test_peak_budget_is_met_by_simulated_peak). The
-        #     no-budget plan, fraction 1.0 of the scale, keeps the config's choice.
-        return {"recompute_expensive": True}
-    return {"recompute_expensive": config.recompute_expensive}
+                "recompute_expensive": config.mincut_recompute_expensive}
+    if name in ("budget", "greedy"):
+        return {"recompute_expensive": config.budget_recompute_expensive}
+    return {"recompute_expensive": config.mincut_recompute_expensive}
 
 
 def _infeasible(plan: RematPlan, config: RematConfig) -> None:

@@ -96,8 +96,8 @@ def describe_plan(local: SolveProblem, saved: tuple[str, ...]) -> BlockPlan:
                      rec_bytes)
 
 
-def block_options(local: SolveProblem, recompute_expensive: bool, bounds: int = 4
-                  ) -> tuple[BlockPlan, ...]:
+def block_options(local: SolveProblem, recompute_expensive: bool, bounds: int = 4,
+                  budget_recompute_expensive: bool = True) -> tuple[BlockPlan, ...]:
     """The Pareto set of a block's plans: fewer bytes kept, or less recompute.
 
     The no-budget min-cut plan (``recompute_expensive`` as configured) and the budget
@@ -108,6 +108,8 @@ def block_options(local: SolveProblem, recompute_expensive: bool, bounds: int = 
         local: a block's problem (:func:`block_problem`).
         recompute_expensive: the min-cut's option.
         bounds: how many saved-bytes bounds the budget solver is run at.
+        budget_recompute_expensive: the budget solver's option (Note [Recomputing expensive
+            ops] in ckptfx/config.py).
 
     Returns:
         BlockPlans by increasing saved bytes (so by decreasing cost).
@@ -121,7 +123,8 @@ def block_options(local: SolveProblem, recompute_expensive: bool, bounds: int = 
     for k in range(bounds):
         bound = top * k // bounds
         sub = dataclasses.replace(local, budget_bytes=bound, budget_kind="saved")
-        solution: Solution = BudgetSolver().solve(sub)
+        solution: Solution = BudgetSolver(
+            recompute_expensive=budget_recompute_expensive).solve(sub)
         plans.append(describe_plan(local, solution.saved))
     plans.sort(key=lambda p: (p.saved_bytes, p.cost, sorted(p.saved)))
     front: list[BlockPlan] = []
