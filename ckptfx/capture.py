@@ -141,6 +141,84 @@ def _capturing_backend(joints: list[Any]):
     return compat.aot_autograd_backend(fw_compiler=nop, bw_compiler=nop, partition_fn=capture)
 
 
+class _Captured(Exception):
+    """Raised by :func:`inductor_joint`'s partitioner once it holds the joint graph: there is
+    nothing left for Inductor to do."""
+
+
+def inductor_joint(module: torch.nn.Module, inputs: Any, *,
+                   loss: Callable[[Any], torch.Tensor] | None = None) -> Any:
+    """The first joint graph of ``module`` as ``torch.compile``'s Inductor hands it to a
+    partitioner: Inductor's decompositions and joint-graph passes applied, then prepared as
+    :func:`ckptfx.partition_fn` prepares it. Compiling stops there: no code is generated,
+    the model does not run, and later graphs (after a graph break) are not captured.
+
+    Args:
+        module: an ``nn.Module`` (not modified: a copy is compiled).
+        inputs: its example inputs (as for :func:`capture_joints`).
+        loss: maps the output to a scalar (default :func:`default_loss`).
+
+    Returns:
+        The JointGraph (``joint_inputs`` fake, ``static_input_names`` from Inductor's
+        static-lifetime indices).
+
+    Raises:
+        UnsupportedGraphError: Dynamo produced no graph with a backward.
+    """
+    from ckptfx import _torch_compat as compat
+
+    joints: list[Any] = []
+
+    def backend(gm, example_inputs):
+        patches = {"custom_partitioner_fn": _recording_partitioner(joints),
+                   "force_disable_caches": True}  # a cache hit would skip the partitioner
+        return compat.compile_fx(gm, example_inputs, config_patches=patches)
+
+    compat.dynamo_reset()
+    try:
+        compiled = torch.compile(copy.deepcopy(module), backend=backend)
+        (loss or default_loss)(call(compiled, inputs)).backward()
+    except Exception as exc:  # noqa: BLE001 - Dynamo wraps the partitioner's _Captured
+        if not joints:
+            raise
+        if not _caused_by_capture(exc):
+            raise
+    finally:
+        compat.dynamo_reset()
+    if not joints:
+        raise UnsupportedGraphError(no_graph_message(module))
+    return joints[0]
+
+
+def _caused_by_capture(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if isinstance(exc, _Captured):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _recording_partitioner(joints: list[Any]):
+    """An Inductor ``custom_partitioner_fn`` that prepares and records the joint graph, then
+    stops the compile (:class:`_Captured`)."""
+    from ckptfx import _torch_compat as compat
+    from ckptfx.joint import JointGraph
+    from ckptfx.passes.prepare import prepare_joint
+
+    class Recorder(compat.inductor_partitioner_base()):
+        def __call__(self, gm, joint_inputs, *, num_fwd_outputs, **kwargs):
+            prepare_joint(gm)
+            joints.append(JointGraph.from_partition_args(
+                gm, joint_inputs, num_fwd_outputs=num_fwd_outputs,
+                static_lifetime_input_indices=kwargs.get("static_lifetime_input_indices")))
+            raise _Captured()
+
+        def uuid(self) -> Any:
+            return None
+
+    return Recorder()
+
+
 def dynamo_joints(module: torch.nn.Module, *inputs: Any,
                   loss: Callable[[Any], torch.Tensor] | None = None,
                   dynamic: bool | None = None) -> list[Any]:
