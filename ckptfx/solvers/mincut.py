@@ -1,4 +1,6 @@
-"""Min-cut solver: the saved set of least bytes, as a minimum s-t cut (networkx max-flow).
+"""Min-cut solver: the saved set of least bytes, as a minimum s-t cut (SciPy's max-flow,
+exact at any capacity through :mod:`ckptfx.solvers.flow`; networkx describes the network
+when it has no finite cut).
 
 Construction (node splitting; Checkmate, Jain et al. 2020; PyTorch's
 ``min_cut_rematerialization_partition``): every candidate ``n`` becomes ``n.in -> n.out``
@@ -83,6 +85,67 @@ def build_flow_graph(problem: SolveProblem, recompute_expensive: bool = False):
     return g
 
 
+def flow_arrays(problem: SolveProblem, recompute_expensive: bool = False):
+    """The flow network of :func:`build_flow_graph` as arrays for :mod:`ckptfx.solvers.flow`:
+    vertex 0 is the source, 1 the sink, ``2 + 2 * i`` and ``3 + 2 * i`` the ``in`` and
+    ``out`` of the i-th node.
+
+    Returns:
+        (number of vertices, tails, heads, capacities, infinite flags): one entry per edge.
+    """
+    n = len(problem.nodes)
+    scale = n * n + 1
+    index = {node.name: i for i, node in enumerate(problem.nodes)}
+    tails, heads, caps, infinite = [], [], [], []
+
+    def edge(u: int, v: int, cap: int | None) -> None:
+        tails.append(u)
+        heads.append(v)
+        caps.append(cap or 0)
+        infinite.append(cap is None)
+
+    for i, node in enumerate(problem.nodes):
+        a, b = 2 + 2 * i, 3 + 2 * i
+        if node.can_save and node.force != Force.RECOMPUTE:
+            edge(a, b, int(round(_weight(node))) * scale + (n - i))
+        else:
+            edge(a, b, None)
+        if _source_reason(node, recompute_expensive) is not None:
+            edge(0, a, None)
+        if node.needed_by_backward:
+            edge(b, 1, None)
+        for p in node.inputs:
+            if p in index:  # a name outside the problem is no vertex: it carries no flow
+                edge(3 + 2 * index[p], a, None)
+    return 2 + 2 * n, tails, heads, caps, infinite
+
+
+def _sink_side(problem: SolveProblem, recompute_expensive: bool) -> list[tuple[bool, bool]]:
+    """Per node, whether its ``in`` and ``out`` vertices lie on the sink side of the minimum
+    cut (the cut ``networkx.minimum_cut`` returns; Note [Capacity scaling]).
+
+    Raises:
+        UnsupportedGraphError: no finite cut (the message is an infinite path).
+    """
+    from ckptfx.solvers import flow
+
+    arrays = flow_arrays(problem, recompute_expensive)
+    try:
+        side = flow.sink_side(*arrays, source=0, sink=1).tolist()
+    except flow.Unbounded:
+        path = infinite_path(build_flow_graph(problem, recompute_expensive))
+        raise UnsupportedGraphError(
+            "min-cut: the constraints leave no finite cut; a value the backward needs can be "
+            "neither saved nor recomputed: " + " ; ".join(path)) from None
+    except ValueError:  # capacities beyond int64 flows: networkx's exact integers
+        import networkx as nx
+
+        g = build_flow_graph(problem, recompute_expensive)
+        _, (_, sink) = nx.minimum_cut(g, SOURCE, SINK)
+        return [((n.name, "in") in sink, (n.name, "out") in sink) for n in problem.nodes]
+    return [(side[2 + 2 * i], side[3 + 2 * i]) for i in range(len(problem.nodes))]
+
+
 def infinite_path(g) -> list[str]:
     """A source-to-sink path of infinite edges, as readable steps (empty if none)."""
     parent: dict = {SOURCE: None}
@@ -128,20 +191,10 @@ class MinCutSolver:
         self.recompute_expensive = recompute_expensive
 
     def solve(self, problem: SolveProblem) -> Solution:
-        import networkx as nx
-
         if not any(n.needed_by_backward for n in problem.nodes):
             return Solution(saved=(), objective=0.0, notes=("backward reads no forward value",))
-        g = build_flow_graph(problem, self.recompute_expensive)
-        try:
-            _, (reachable, _) = nx.minimum_cut(g, SOURCE, SINK)
-        except nx.NetworkXUnbounded:
-            path = infinite_path(g)
-            raise UnsupportedGraphError(
-                "min-cut: the constraints leave no finite cut; a value the backward needs can be "
-                "neither saved nor recomputed: " + " ; ".join(path)) from None
-        saved = tuple(n.name for n in problem.nodes
-                      if (n.name, "in") in reachable and (n.name, "out") not in reachable)
+        sides = _sink_side(problem, self.recompute_expensive)
+        saved = tuple(n.name for n, (a, b) in zip(problem.nodes, sides) if b and not a)
         recomputed, violations = needed_closure(problem, set(saved))
         if violations:  # cannot happen for a finite cut; guard the invariant anyway
             raise UnsupportedGraphError("min-cut produced an invalid saved set: " + "; ".join(violations))
