@@ -24,9 +24,76 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as _pytree
 
-tree_map = _pytree.tree_map
-tree_leaves = _pytree.tree_leaves
 arg_tree_leaves = _pytree.arg_tree_leaves
+
+# Note [Fast pytree walks]
+#     The analysis maps over the arguments of every node of the joint graph, several times
+#     each; ``torch.utils._pytree`` spends most of that deciding what each object is. The
+#     walks below give the same results for the containers fx arguments are made of (tuple,
+#     list, dict, fx's immutable list and dict) and for the leaves they hold (nodes,
+#     tensors, numbers, dtypes); any other object goes to pytree (a namedtuple, an
+#     OrderedDict, a registered class) or is asked whether it is a leaf (None, a slice).
+#     ``tests/test_fast_paths.py`` compares them with pytree.
+_LEAF_TYPES = (fx.Node, int, float, bool, str, torch.dtype, torch.device, torch.layout,
+               torch.memory_format)
+
+
+def _container(tree: Any):
+    """The rebuild function of a container the fast walks handle, or None."""
+    t = type(tree)
+    if t is tuple or t is list:
+        return t
+    if t is fx.immutable_collections.immutable_list:
+        return t
+    return None
+
+
+def _is_leaf(tree: Any) -> bool:
+    t = type(tree)
+    return t in _LEAF_TYPES or isinstance(tree, torch.Tensor) or (
+        t not in _pytree.SUPPORTED_NODES and _pytree.tree_is_leaf(tree))
+
+
+def tree_map(fn, tree: Any, *rests: Any, **kwargs: Any) -> Any:
+    """``torch.utils._pytree.tree_map`` (Note [Fast pytree walks])."""
+    if rests or kwargs:
+        return _pytree.tree_map(fn, tree, *rests, **kwargs)
+    return _map(fn, tree)
+
+
+def _map(fn, tree: Any) -> Any:
+    t = type(tree)
+    rebuild = _container(tree)
+    if rebuild is not None:
+        return rebuild([_map(fn, x) for x in tree])
+    if t is dict or t is fx.immutable_collections.immutable_dict:
+        return t({k: _map(fn, v) for k, v in tree.items()})
+    if _is_leaf(tree):
+        return fn(tree)
+    return _pytree.tree_map(fn, tree)
+
+
+def tree_leaves(tree: Any, *args: Any, **kwargs: Any) -> list[Any]:
+    """``torch.utils._pytree.tree_leaves`` (Note [Fast pytree walks])."""
+    if args or kwargs:
+        return _pytree.tree_leaves(tree, *args, **kwargs)
+    out: list[Any] = []
+    _leaves(tree, out)
+    return out
+
+
+def _leaves(tree: Any, out: list[Any]) -> None:
+    t = type(tree)
+    if _container(tree) is not None:
+        for x in tree:
+            _leaves(x, out)
+    elif t is dict or t is fx.immutable_collections.immutable_dict:
+        for v in tree.values():
+            _leaves(v, out)
+    elif _is_leaf(tree):
+        out.append(tree)
+    else:
+        out.extend(_pytree.tree_leaves(tree))
 
 
 def is_op_overload(target: Any) -> bool:

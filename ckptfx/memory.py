@@ -83,6 +83,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import logging
 import operator
 from collections import defaultdict
@@ -201,23 +202,44 @@ def _same_storage(a: Any, b: Any) -> bool:
     return ida is not None and ida == storage_id(b)
 
 
-def _schema_sources(node: fx.Node, n_out: int) -> list[fx.Node | None]:
-    """Per output, the argument it aliases according to the op schema, or None."""
-    schema = compat.op_schema(node.target)
+@functools.lru_cache(maxsize=None)
+def _alias_candidates(target: Any) -> tuple[tuple[tuple[int, str], ...], ...] | None:
+    """Per return of an op's schema, the (position, name) of the arguments it may alias, in
+    schema order; None when the schema has no returns (or there is no schema)."""
+    schema = compat.op_schema(target)
     if schema is None or not schema.returns:
-        return [None] * n_out
-    values = list(node.args) + [node.kwargs.get(a.name) for a in
-                                schema.arguments[len(node.args):]]
-    annotated = [(a.alias_info, v) for a, v in zip(schema.arguments, values)
-                 if a.alias_info is not None and isinstance(v, fx.Node)]
-    sources = []
-    for j in range(n_out):
-        info = schema.returns[min(j, len(schema.returns) - 1)].alias_info
+        return None
+    annotated = [(i, a) for i, a in enumerate(schema.arguments) if a.alias_info is not None]
+    out = []
+    for ret in schema.returns:
+        info = ret.alias_info
         # TorchScript's parser drops the set of ``Tensor(a)[]`` returns (split, unbind): such
         # a return aliases the argument annotated ``Tensor(a -> *)``.
-        sources.append(None if info is None else next(
-            (v for a, v in annotated if set(a.before_set) & set(info.before_set)
-             or (not info.before_set and "*" in set(a.after_set))), None))
+        out.append(() if info is None else tuple(
+            (i, a.name) for i, a in annotated
+            if set(a.alias_info.before_set) & set(info.before_set)
+            or (not info.before_set and "*" in set(a.alias_info.after_set))))
+    return tuple(out)
+
+
+def _schema_sources(node: fx.Node, n_out: int) -> list[fx.Node | None]:
+    """Per output, the argument it aliases according to the op schema, or None."""
+    try:
+        candidates = _alias_candidates(node.target)
+    except TypeError:  # an unhashable target has no schema to cache
+        candidates = None
+    if candidates is None:
+        return [None] * n_out
+    args, kwargs = node.args, node.kwargs
+    sources = []
+    for j in range(n_out):
+        found = None
+        for i, name in candidates[min(j, len(candidates) - 1)]:
+            value = args[i] if i < len(args) else kwargs.get(name)
+            if isinstance(value, fx.Node):
+                found = value
+                break
+        sources.append(found)
     return sources
 
 

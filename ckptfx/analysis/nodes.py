@@ -155,11 +155,18 @@ def recompute_ban(node: fx.Node) -> str:
     """
     if node.op == "placeholder":
         return "graph input"
-    if is_random(node):
+    return ban_reason(node, is_random(node), is_collective(node), side_effect(node))
+
+
+def ban_reason(node: fx.Node, random: bool, collective: bool, side: str) -> str:
+    """:func:`recompute_ban` of a call node whose :func:`is_random`, :func:`is_collective`
+    and :func:`side_effect` are known (the table reads all four facts, each once)."""
+    if node.op == "placeholder":
+        return "graph input"
+    if random:
         return "random op (recomputing it would draw a different mask)"
-    if is_collective(node):
+    if collective:
         return "collective (never recomputed: every rank must issue it once)"
-    side = side_effect(node)
     if side:
         return side
     defined = data_dependent_sizes(node)

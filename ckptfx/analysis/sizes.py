@@ -47,8 +47,14 @@ def _expr(dim: Any) -> sympy.Expr:
 
 def tensor_bytes(t: torch.Tensor) -> sympy.Expr:
     """Bytes of a (fake) tensor's elements: prod(shape) * itemsize, a sympy expression."""
+    shape = t.shape
+    if all(type(d) is int for d in shape):  # static: one Integer, as the product below gives
+        numel = 1
+        for d in shape:
+            numel *= d
+        return sympy.Integer(numel * t.element_size())
     numel = sympy.Integer(1)
-    for d in t.shape:
+    for d in shape:
         numel = numel * _expr(d)
     return numel * t.element_size()
 
@@ -144,6 +150,8 @@ class SizeHints:
         """
         if isinstance(expr, int):
             return expr
+        if isinstance(expr, sympy.Integer):
+            return int(expr)
         expr = sympy.sympify(expr)
         if expr.is_Integer:
             return int(expr)
@@ -176,4 +184,4 @@ class SizeHints:
 
     def concrete_shape(self, t: torch.Tensor) -> tuple[int, ...]:
         """A tensor's shape with every SymInt evaluated under these hints."""
-        return tuple(self.evaluate(_expr(d)) for d in t.shape)
+        return tuple(d if type(d) is int else self.evaluate(_expr(d)) for d in t.shape)

@@ -190,24 +190,27 @@ def build_table(joint: JointGraph, hints: SizeHints, machine: Machine = DEFAULT_
     for node in joint.graph.nodes:
         if node.op == "output":
             continue
-        cost = node_cost(node, hints, machine, is_view=nodes.is_view(node))
+        view = nodes.is_view(node)
+        cost = node_cost(node, hints, machine, is_view=view)
         if cost_model == "profile" and cost.seconds > 0 and node.name in joint.fw_computable:
             from ckptfx.analysis.profile import profile_node
 
             measured = profile_node(node, hints)
             if measured is not None:
                 cost = dataclasses.replace(cost, seconds=measured)
-        rows.append(_row(joint, node, cost))
+        rows.append(_row(joint, node, cost, view))
     out = joint.graph.find_nodes(op="output")[0]
     leaves = compat.arg_tree_leaves(*out.args)[joint.num_fwd_outputs:]
     backward_outputs = frozenset(x.name for x in leaves if isinstance(x, fx.Node))
     return NodeTable(tuple(rows), hints, backward_outputs)
 
 
-def _row(joint: JointGraph, node: fx.Node, cost) -> NodeFacts:
+def _row(joint: JointGraph, node: fx.Node, cost, view: bool) -> NodeFacts:
     val = node.meta.get("val")
     path, types = _module_info(node)
     packet = getattr(node.target, "overloadpacket", None)
+    random, collective, side = nodes.is_random(node), nodes.is_collective(node), \
+        nodes.side_effect(node)
     return NodeFacts(
         name=node.name,
         role=joint.roles[node.name],
@@ -216,17 +219,17 @@ def _row(joint: JointGraph, node: fx.Node, cost) -> NodeFacts:
         nbytes=value_bytes(val),
         is_tensor=isinstance(val, torch.Tensor),
         is_sym=isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)),
-        is_view=nodes.is_view(node),
-        is_random=nodes.is_random(node),
-        has_side_effect=bool(nodes.side_effect(node)),
-        is_collective=nodes.is_collective(node),
+        is_view=view,
+        is_random=random,
+        has_side_effect=bool(side),
+        is_collective=collective,
         compute_intensive=packet in COMPUTE_INTENSIVE,
         flops=cost.flops,
         cost_s=cost.seconds,
         module_path=path,
         module_types=types,
         checkpoint_tag=node.meta.get("recompute"),
-        ban_reason=nodes.recompute_ban(node),
+        ban_reason=nodes.ban_reason(node, random, collective, side),
         widens=_widens(node),
         can_save=nodes.may_be_saved(val),
         inputs=tuple(p.name for p in node.all_input_nodes),
