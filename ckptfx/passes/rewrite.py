@@ -113,8 +113,7 @@ def place_just_in_time(bw: fx.GraphModule, fw_computable: frozenset[str],
             out.prepend(node)
         if node.name in recomputed:
             node.meta[META_KEY] = True
-    graph.lint()
-    bw.recompile()
+    bw.recompile()  # rewrite() lints it, with the other invariants (passes/verify.py)
     return bw
 
 

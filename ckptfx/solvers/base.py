@@ -111,8 +111,13 @@ class SolveProblem:
     layers_from: str = ""
 
     def by_name(self) -> dict[str, ProblemNode]:
-        """Returns a name -> node map (a fresh dict)."""
-        return {n.name: n for n in self.nodes}
+        """Returns the name -> node map, built once per problem (shared: read it, do not
+        modify it; ``dataclasses.replace`` gives a new problem its own)."""
+        index = self.__dict__.get("_by_name")
+        if index is None:
+            index = {n.name: n for n in self.nodes}
+            object.__setattr__(self, "_by_name", index)
+        return index
 
 
 @dataclasses.dataclass(frozen=True)
