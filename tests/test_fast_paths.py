@@ -51,3 +51,29 @@ def test_static_sizes_are_the_integers_of_the_general_path():
     assert hints.evaluate(sympy.Integer(7)) == 7 and type(hints.evaluate(sympy.Integer(7))) is int
     s = sympy.Symbol("s0")
     assert SizeHints({s: 4}).evaluate(2 * s) == 8
+
+
+def test_partition_collects_only_new_objects_and_restores_the_collector():
+    import gc
+
+    from ckptfx.passes.partition import new_objects_collected
+
+    class Cycle:
+        pass
+
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
+    with new_objects_collected():
+        assert gc.get_freeze_count() > 0  # what existed before is out of reach
+        garbage = Cycle()
+        garbage.me = garbage
+        probe = id(garbage)
+        del garbage
+        gc.collect()
+        assert all(id(o) != probe for o in gc.get_objects() if isinstance(o, Cycle))
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
+    gc.disable()
+    try:
+        with new_objects_collected():  # the caller's choice stands
+            assert gc.get_freeze_count() == 0 and not gc.isenabled()
+    finally:
+        gc.enable()
