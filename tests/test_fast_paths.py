@@ -32,7 +32,8 @@ def _tag(v):
 def test_walks_match_pytree(tree):
     want, got = pytree.tree_map(_tag, tree), compat.tree_map(_tag, tree)
     assert type(got) is type(want) and repr(got) == repr(want)
-    assert [repr(v) for v in compat.tree_leaves(tree)] == [repr(v) for v in pytree.tree_leaves(tree)]
+    want_leaves = [repr(v) for v in pytree.tree_leaves(tree)]
+    assert [repr(v) for v in compat.tree_leaves(tree)] == want_leaves
 
 
 def test_walks_of_fx_arguments_match_pytree():
