@@ -177,6 +177,15 @@ class RematConfig:
             the saved bytes (``"saved"``: m * saved <= budget) or m - 1 microbatches' saved
             bytes plus one step's peak (``"peak"``); see ``Note [Microbatches in flight]``
             in ``ckptfx/stages.py``. Default 1.
+        regather_params: trade memory for communication under sharded data parallelism
+            traced into the graph (SimpleFSDP, traceable FSDP2): an all-gather of parameter
+            shards and its ``wait_tensor`` may be recomputed, so the backward gathers the
+            parameters again instead of keeping the unsharded copy from the forward. Priced
+            by the gathered bytes over ``Machine.comm_bandwidth``; the plan's notes say how
+            many bytes of unsharded parameters are no longer kept and how many the backward
+            gathers again. Reduce-scatters, all-reduces and all-gathers of activations are
+            never recomputed. See ``Note [Re-gathering parameters]`` in
+            ``ckptfx/analysis/nodes.py``. Off by default.
     """
 
     memory_budget: MemoryBudget | None = None
@@ -192,6 +201,7 @@ class RematConfig:
     unbacked_size_hint: int = 4096
     verify_ranks: bool = False
     microbatches_in_flight: int = 1
+    regather_params: bool = False
 
     def __post_init__(self) -> None:
         if self.budget_kind is not None:
@@ -202,7 +212,7 @@ class RematConfig:
         if self.recompute_expensive is not None and not isinstance(self.recompute_expensive, bool):
             raise ConfigError(f"recompute_expensive={self.recompute_expensive!r}: allowed values: "
                               f"None, True, False")
-        for flag in ("strict", "verify_ranks"):
+        for flag in ("strict", "verify_ranks", "regather_params"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag}={getattr(self, flag)!r}: allowed values: True, False")
         if self.memory_budget is not None and not isinstance(self.memory_budget, MemoryBudget):

@@ -123,7 +123,8 @@ def size_notes(table: NodeTable) -> tuple[str, ...]:
 
 def prepare(joint: JointGraph, config: RematConfig) -> Prepared:
     """Analysis, votes and problem: everything up to the solver."""
-    table = build_table(joint, size_hints(joint, config), cost_model=rank_safe_cost_model(config))
+    table = build_table(joint, size_hints(joint, config), cost_model=rank_safe_cost_model(config),
+                        regather_params=config.regather_params)
     notes = size_notes(table)
     votes = collect_votes(table, config)
     problem = build_problem(table, joint, votes, config)
@@ -201,10 +202,35 @@ def finish(prep: Prepared, problem: SolveProblem, solution: Solution, solver: st
     """The validated plan of ``solution`` with its notes and predicted peak; an infeasible
     budget raises (``strict``) or warns."""
     plan = prep.to_plan(problem, solution, solver, elapsed_s)
-    plan = dataclasses.replace(plan, notes=plan.notes + prep.notes, predicted_peak_bytes=peak)
+    notes = plan.notes + prep.notes + regather_notes(plan, prep.table, prep.config)
+    plan = dataclasses.replace(plan, notes=notes, predicted_peak_bytes=peak)
     if not plan.feasible:
         _infeasible(plan, prep.config)
     return Planned(plan, problem, prep.table, prep.votes)
+
+
+def regather_notes(plan: RematPlan, table: NodeTable, config: RematConfig) -> tuple[str, ...]:
+    """What ``regather_params`` saved and what it costs, for the plan's notes; () when off.
+
+    The all-gathers of parameter shards the backward runs again, with the bytes they
+    deliver (communication added per step), and the bytes of unsharded parameters (their
+    waits' results) the plan no longer keeps from forward to backward.
+    """
+    if not config.regather_params:
+        return ()
+    rows = [r for r in table.rows if r.regathers]
+    names = {r.name for r in rows}
+    gathers = [r.name for r in rows if not names.intersection(r.inputs)]
+    waits = [r.name for r in rows if names.intersection(r.inputs)]
+    if not gathers:
+        return ("regather_params: this graph all-gathers no parameter shard; nothing to "
+                "re-gather",)
+    redone = set(plan.recomputed)
+    sent = sum(table.bytes_of(g) for g in gathers if g in redone)
+    freed = sum(table.bytes_of(w) for w in waits if w in redone)
+    return (f"regather_params: {sum(g in redone for g in gathers)} of {len(gathers)} "
+            f"all-gathers re-run in the backward ({sent / 2**20:.2f} MiB communicated), "
+            f"{freed / 2**20:.2f} MiB of unsharded parameters not kept",)
 
 
 def _policy_reason(node: ProblemNode, force: Force, solver_reason: str) -> str:

@@ -69,6 +69,7 @@ def test_unknown_option_lists_valid_ones():
     ({"budget_kind": "total"}, "budget_kind"),
     ({"cost_model": "vibes"}, "cost_model"),
     ({"strict": "yes"}, "strict"),
+    ({"regather_params": 1}, "regather_params"),
     ({"layers_per_checkpoint": 0}, "layers_per_checkpoint"),
     ({"time_limit_s": -1}, "time_limit_s"),
     ({"time_limit_s": math.nan}, "time_limit_s"),

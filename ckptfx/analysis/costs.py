@@ -52,14 +52,19 @@ class Machine:
         peak_flops: FLOP/s of dense matmul work.
         bandwidth: bytes/s of memory traffic.
         launch_s: fixed seconds per op (kernel launch / dispatch).
+        comm_bandwidth: bytes/s a collective delivers (the link between ranks): what an
+            all-gather the backward runs again costs (Note [Re-gathering parameters] in
+            ``ckptfx/analysis/nodes.py``).
     """
 
     peak_flops: float
     bandwidth: float
     launch_s: float
+    comm_bandwidth: float = 5.0e9
 
 
-# A modest server CPU core pair: ~100 GFLOP/s fp32 matmul, ~20 GB/s memory, 2 us dispatch.
+# A modest server CPU core pair: ~100 GFLOP/s fp32 matmul, ~20 GB/s memory, 2 us dispatch;
+# a collective delivers ~5 GB/s (a 40 Gb/s link; also the order of gloo over loopback).
 DEFAULT_MACHINE = Machine(peak_flops=1.0e11, bandwidth=2.0e10, launch_s=2.0e-6)
 
 
@@ -184,15 +189,20 @@ def _fused_cost(node: fx.Node, hints: SizeHints, machine: Machine, flops: int) -
 
 
 def node_cost(node: fx.Node, hints: SizeHints, machine: Machine = DEFAULT_MACHINE,
-              *, is_view: bool = False) -> NodeCost:
+              *, is_view: bool = False, communicates: bool = False) -> NodeCost:
     """Roofline cost of recomputing ``node`` once.
 
-    Views, getitem and SymInt arithmetic move no data: cost 0. A fusible (pointwise) node
-    costs its share of its fused chain (Note [Fused pointwise chains]).
+    Views, getitem and SymInt arithmetic move no data: cost 0. A collective
+    (``communicates``) costs the bytes of its result over ``machine.comm_bandwidth`` and
+    counts no FLOPs: an all-gather is priced by the unsharded bytes it delivers. A fusible
+    (pointwise) node costs its share of its fused chain (Note [Fused pointwise chains]).
     """
     if node.op != "call_function" or is_view or not isinstance(node.meta.get("val"), (
             torch.Tensor, list, tuple)):
         return NodeCost(0, 0, 0.0)
+    if communicates:
+        sent = _tensor_bytes(node.meta.get("val"), hints)
+        return NodeCost(0, sent, sent / machine.comm_bandwidth + machine.launch_s)
     flops = node_flops(node, hints)
     if fusible(node):
         # pointwise work is memory-bound: its FLOPs do not enter the compute roof

@@ -9,7 +9,8 @@ disagree on what is a view, random, effectful, a collective or a data-dependent 
   :func:`is_collective`, :func:`data_dependent_sizes`, :func:`storage_id`;
 * the two availability rules: :func:`may_be_saved` (a value the forward may hand to the
   backward) and :func:`recompute_ban` (whether a node may run in the backward, "" if it
-  may); :func:`is_movable` is the rewrite's rule for a backward node it may re-place.
+  may; :func:`is_param_gather` names the one collective an option lets it re-run);
+  :func:`is_movable` is the rewrite's rule for a backward node it may re-place.
 
 The solvers (torch-free) read the same facts as ``ProblemNode.can_save`` and
 ``ProblemNode.can_recompute``, which :mod:`ckptfx.problem` fills from these predicates.
@@ -107,6 +108,54 @@ def is_collective(node: fx.Node) -> bool:
     return ns in ("_c10d_functional", "c10d_functional", "c10d", "_dtensor")
 
 
+_GATHERS = frozenset({"all_gather_into_tensor"})
+_WAITS = frozenset({"wait_tensor"})
+
+
+def _collective_op(node: fx.Node) -> str:
+    """The op name of a collective node (``all_gather_into_tensor``), "" for other nodes."""
+    if not is_collective(node):
+        return ""
+    return node.target.name().split("::")[-1].split(".")[0]
+
+
+# Note [Re-gathering parameters]
+#     Sharded data parallelism traced into the graph (SimpleFSDP, traceable FSDP2, a function
+#     calling ``_functional_collectives.all_gather_tensor`` on a parameter shard) all-gathers
+#     each shard in the forward, and the backward reads the unsharded parameter: by default
+#     it is saved, so every block's full weights stay alive from forward to backward.
+#     ``RematConfig.regather_params`` trades that memory for communication, as Thunder's and
+#     SimpleFSDP's users do: an all-gather whose only tensor inputs are parameters (static-
+#     lifetime primals) and its ``wait_tensor`` may be recomputed, so the backward gathers
+#     again and the solvers pay the gather's bytes over the link (``Machine.comm_bandwidth``).
+#     Every rank recomputes the same gathers (plans depend only on graph and options), so
+#     the extra collectives match across the group. AOTAutograd tags every collective
+#     MUST_SAVE (``force_save_collectives``, the default this option lifts), so the table
+#     drops that tag from these nodes and no policy reads it as the user's. Everything
+#     else stays banned: a reduce-scatter or all-reduce, and an all-gather of an activation
+#     (its input is not a parameter: re-running it would mean keeping what feeds it).
+#     Tests: tests/test_regather.py.
+def is_param_gather(node: fx.Node, params: frozenset[str]) -> bool:
+    """An all-gather whose tensor inputs are all in ``params`` (parameter shards), or the
+    ``wait_tensor`` of one. See Note [Re-gathering parameters].
+
+    Args:
+        node: a joint-graph node.
+        params: names of the primals that are parameters (empty: nothing qualifies).
+    """
+    op = _collective_op(node) if params else ""
+    if op in _WAITS:
+        src = node.args[0] if node.args else None
+        return isinstance(src, fx.Node) and is_param_gather(src, params)
+    inputs = node.all_input_nodes
+    return op in _GATHERS and bool(inputs) and all(p.name in params for p in inputs)
+
+
+def is_wait(node: fx.Node) -> bool:
+    """A ``wait_tensor``: it returns its collective's result and moves no data itself."""
+    return _collective_op(node) in _WAITS
+
+
 def data_dependent_sizes(node: fx.Node) -> tuple[str, ...]:
     """Names of the data-dependent (unbacked) size symbols ``node`` defines."""
     return compat.unbacked_symbols_defined_by(node)
@@ -147,24 +196,36 @@ def may_be_saved(val: Any) -> bool:
                             int, float, bool))
 
 
-def recompute_ban(node: fx.Node) -> str:
+def recompute_ban(node: fx.Node, regather: frozenset[str] = frozenset()) -> str:
     """Availability rule 2: why ``node`` may never run (again) in the backward, "" if it may.
 
     The one predicate behind ``NodeFacts.ban_reason``, the invariants checker
     (``ckptfx.passes.verify``) and the safety net's check of PyTorch's partition.
+
+    Args:
+        node: a joint-graph node.
+        regather: parameters whose all-gather (and its wait) may run again in the backward
+            (``RematConfig.regather_params``; see Note [Re-gathering parameters]); empty by
+            default: no collective is ever recomputed.
     """
     if node.op == "placeholder":
         return "graph input"
-    return ban_reason(node, is_random(node), is_collective(node), side_effect(node))
+    return ban_reason(node, is_random(node), is_collective(node), side_effect(node), regather)
 
 
-def ban_reason(node: fx.Node, random: bool, collective: bool, side: str) -> str:
+def ban_reason(node: fx.Node, random: bool, collective: bool, side: str,
+               regather: frozenset[str] = frozenset()) -> str:
     """:func:`recompute_ban` of a call node whose :func:`is_random`, :func:`is_collective`
-    and :func:`side_effect` are known (the table reads all four facts, each once)."""
+    and :func:`side_effect` are known (the table reads all four facts, each once);
+    ``regather`` as in :func:`recompute_ban`."""
     if node.op == "placeholder":
         return "graph input"
     if random:
         return "random op (recomputing it would draw a different mask)"
+    if collective and is_param_gather(node, regather):
+        # fx calls wait_tensor impure and AOTAutograd tags every collective MUST_SAVE
+        # (force_save_collectives): the option overrides both for these nodes only
+        return ""
     if collective:
         return "collective (never recomputed: every rank must issue it once)"
     if side:

@@ -52,6 +52,8 @@ class NodeFacts:
         is_random: draws random numbers (``nondeterministic_seeded``).
         has_side_effect: mutates, or is impure, or an unknown callable.
         is_collective: a distributed collective.
+        regathers: an all-gather of parameter shards (or its wait) that ``regather_params``
+            lets the backward run again (:func:`ckptfx.analysis.nodes.is_param_gather`).
         compute_intensive: matmul/conv/attention (see COMPUTE_INTENSIVE).
         flops: FLOPs of one recompute (under the size hints).
         cost_s: roofline seconds of one recompute.
@@ -96,6 +98,7 @@ class NodeFacts:
     storage: int | None = None
     view_of: str = ""
     source: str = ""
+    regathers: bool = False
 
     @property
     def op_name(self) -> str:
@@ -172,8 +175,15 @@ def _module_info(node: fx.Node) -> tuple[str, tuple[str, ...]]:
     return path, types
 
 
+def regather_from(joint: JointGraph, regather_params: bool) -> frozenset[str]:
+    """The parameters whose all-gathers may run again in the backward: the joint graph's
+    static-lifetime primals with ``regather_params``, none without (see Note
+    [Re-gathering parameters] in ``ckptfx/analysis/nodes.py``)."""
+    return joint.static_input_names if regather_params else frozenset()
+
+
 def build_table(joint: JointGraph, hints: SizeHints, machine: Machine = DEFAULT_MACHINE,
-                cost_model: str = "roofline") -> NodeTable:
+                cost_model: str = "roofline", regather_params: bool = False) -> NodeTable:
     """Reads the facts of every node of the joint graph.
 
     Args:
@@ -182,32 +192,44 @@ def build_table(joint: JointGraph, hints: SizeHints, machine: Machine = DEFAULT_
         machine: roofline constants.
         cost_model: ``"roofline"``, or ``"profile"`` to time forward-computable ops on this
             machine (``ckptfx.analysis.profile``; roofline where an op cannot be timed).
+        regather_params: an all-gather of parameter shards and its wait may be recomputed
+            (``RematConfig.regather_params``); every other collective stays banned.
 
     Returns:
         A NodeTable with one row per node except the output node.
     """
     rows = []
+    regather = regather_from(joint, regather_params)
     for node in joint.graph.nodes:
         if node.op == "output":
             continue
         view = nodes.is_view(node)
-        cost = node_cost(node, hints, machine, is_view=view)
-        if cost_model == "profile" and cost.seconds > 0 and node.name in joint.fw_computable:
+        collective = nodes.is_collective(node)
+        # a wait moves no data; the collective it waits for carries the communication
+        cost = node_cost(node, hints, machine, is_view=view or nodes.is_wait(node),
+                         communicates=collective)
+        if (cost_model == "profile" and cost.seconds > 0 and node.name in joint.fw_computable
+                and not collective):  # a collective is priced, never run
             from ckptfx.analysis.profile import profile_node
 
             measured = profile_node(node, hints)
             if measured is not None:
                 cost = dataclasses.replace(cost, seconds=measured)
-        rows.append(_row(joint, node, cost, view))
+        rows.append(_row(joint, node, cost, view, regather))
     out = joint.graph.find_nodes(op="output")[0]
     leaves = compat.arg_tree_leaves(*out.args)[joint.num_fwd_outputs:]
     backward_outputs = frozenset(x.name for x in leaves if isinstance(x, fx.Node))
     return NodeTable(tuple(rows), hints, backward_outputs)
 
 
-def _row(joint: JointGraph, node: fx.Node, cost, view: bool) -> NodeFacts:
+def _row(joint: JointGraph, node: fx.Node, cost, view: bool,
+         regather: frozenset[str]) -> NodeFacts:
     val = node.meta.get("val")
     path, types = _module_info(node)
+    regathers = nodes.is_param_gather(node, regather)
+    tag = node.meta.get("recompute")
+    if regathers and "MUST_SAVE" in str(tag):  # AOTAutograd's tag on every collective
+        tag = None
     packet = getattr(node.target, "overloadpacket", None)
     random, collective, side = nodes.is_random(node), nodes.is_collective(node), \
         nodes.side_effect(node)
@@ -228,8 +250,8 @@ def _row(joint: JointGraph, node: fx.Node, cost, view: bool) -> NodeFacts:
         cost_s=cost.seconds,
         module_path=path,
         module_types=types,
-        checkpoint_tag=node.meta.get("recompute"),
-        ban_reason=nodes.ban_reason(node, random, collective, side),
+        checkpoint_tag=tag,
+        ban_reason=nodes.ban_reason(node, random, collective, side, regather),
         widens=_widens(node),
         can_save=nodes.may_be_saved(val),
         inputs=tuple(p.name for p in node.all_input_nodes),
@@ -237,6 +259,7 @@ def _row(joint: JointGraph, node: fx.Node, cost, view: bool) -> NodeFacts:
         storage=nodes.storage_id(val),
         view_of=getattr(nodes.view_base(node), "name", ""),
         source=source_line(node.meta),
+        regathers=regathers,
     )
 
 

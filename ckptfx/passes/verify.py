@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from ckptfx import _torch_compat as compat
 from ckptfx.analysis.nodes import is_movable, recompute_ban
+from ckptfx.analysis.table import regather_from
 from ckptfx.errors import PlanValidationError
 from ckptfx.joint import JointGraph, Role
 from ckptfx.plan import RematPlan
@@ -59,7 +60,8 @@ def verify(joint: JointGraph, plan: RematPlan, fw: fx.GraphModule, bw: fx.GraphM
     if recomputed != set(plan.recomputed):
         _fail("backward recomputes a different set than the plan",
               recomputed ^ set(plan.recomputed))
-    banned = {name: recompute_ban(by_name[name]) for name in recomputed}
+    regather = regather_from(joint, plan.config is not None and plan.config.regather_params)
+    banned = {name: recompute_ban(by_name[name], regather) for name in recomputed}
     banned = {name: why for name, why in banned.items() if why}
     if banned:
         _fail("recomputed in the backward although it may not be (random op, side effect, "
