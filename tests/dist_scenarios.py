@@ -355,8 +355,14 @@ def pipeline(rank: int, inner: str = "eager", microbatches: int = 4) -> dict:
             "plans": plans_of(backend), "recomputed_ops": recomputed_ops(backend)}
 
 
+def simple_fsdp(rank: int) -> dict:
+    import dist_regather
+
+    return dist_regather.simple_fsdp(rank)
+
+
 SCENARIOS = {"ddp": ddp, "ddp_of_sequential": ddp_of_sequential, "fsdp": fsdp,
-             "mismatch": mismatch, "pipeline": pipeline}
+             "mismatch": mismatch, "pipeline": pipeline, "simple_fsdp": simple_fsdp}
 
 
 def worker(rank: int, world: int, port: int, out_dir: str, name: str, kwargs: dict) -> None:

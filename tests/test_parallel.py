@@ -147,3 +147,28 @@ def test_two_stage_1f1b_pipeline_keeps_its_in_flight_budget_and_trains_like_eage
     # planned without the option (what one microbatch keeps with this budget alone), the
     # stage's microbatches in flight would exceed it
     assert stage0["most_microbatches"] * stage0["saved_without_option"] > stage0["budget"]
+
+
+def test_simple_fsdp_regather_frees_the_unsharded_weight_on_every_rank(tmp_path):
+    import dist_regather
+
+    ranks = run(tmp_path, "simple_fsdp")
+    reference = dist_regather.reference()
+    for rank, r in enumerate(ranks):
+        off, on = r["off"], r["on"]
+        for run_ in (off, on):  # the same gradients as single-process eager either way
+            torch.testing.assert_close(torch.tensor(run_["grad"]), reference[rank],
+                                       rtol=RTOL, atol=1e-6)
+            assert run_["fallback"] == [""]
+            assert not [op for op in run_["recomputed_ops"]
+                        if "reduce_scatter" in op or "all_reduce" in op]
+        assert not [op for op in off["recomputed_ops"] if "c10d" in op or "all_gather" in op
+                    or "wait_tensor" in op]
+        assert {"all_gather_into_tensor.default", "wait_tensor.default"} <= set(
+            on["recomputed_ops"])
+        # measured over the storages autograd keeps: the unsharded weight, no longer
+        assert off["measured"] - on["measured"] == r["unsharded_bytes"]
+        assert off["reported"][0] - on["reported"][0] == r["unsharded_bytes"]
+        assert any(n.startswith("regather_params: 1 of 1 all-gathers") for n in on["notes"])
+    for key in ("off", "on"):
+        assert ranks[0][key]["fingerprints"] == ranks[1][key]["fingerprints"]
