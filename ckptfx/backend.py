@@ -33,6 +33,7 @@ import pathlib
 from typing import Any
 
 from ckptfx.config import MemoryBudget, RematConfig
+from ckptfx.errors import ConfigError, InfeasibleBudgetError
 from ckptfx.ledger import BudgetLedger, ReportStore, graph_fingerprint
 from ckptfx.report import RematReport
 
@@ -137,14 +138,20 @@ class CkptBackend:
         from_cache = False
         note = self._budget_note(config, held, others)
         on_report = functools.partial(_collect, got, note)
-        if config.inner == "eager":
-            compiled = _compile_eager(gm, example_inputs, config, on_report)
-        else:
-            partitioner = make_inductor_partitioner(config, on_report)
-            patches = {"custom_partitioner_fn": partitioner, **compat.inductor_config_patches()}
-            peak = _InductorPeak(config, got, self.reports)
-            compiled = compat.compile_fx(gm, example_inputs, config_patches=patches,
-                                         inner_compile=compat.planned_order_inner_compile(peak))
+        try:  # the user's errors reach the caller by their own class (strict, options)
+            if config.inner == "eager":
+                compiled = _compile_eager(gm, example_inputs, config, on_report)
+            else:
+                partitioner = make_inductor_partitioner(config, on_report)
+                patches = {"custom_partitioner_fn": partitioner,
+                           **compat.inductor_config_patches()}
+                peak = _InductorPeak(config, got, self.reports)
+                compiled = compat.compile_fx(
+                    gm, example_inputs, config_patches=patches,
+                    inner_compile=compat.planned_order_inner_compile(peak))
+        except (ConfigError, InfeasibleBudgetError) as exc:
+            raise compat.dynamo_passthrough(exc) from None
+        if config.inner != "eager":
             store = ReportStore(os.path.join(compat.inductor_cache_dir(), "ckptfx-reports"))
             store_key = hashlib.sha256(f"{partitioner.uuid()}|{key}".encode()).hexdigest()
             if got:

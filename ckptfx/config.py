@@ -242,6 +242,11 @@ class RematConfig:
             raise ConfigError(
                 f"budget_kind={self.budget_kind!r} applies only with a memory_budget; pass "
                 f"memory_budget (a fraction, bytes, or a size like '2GiB') or drop budget_kind")
+        if self.solver == "mincut" and self.memory_budget is not None:
+            raise ConfigError(
+                f"solver='mincut' finds the fewest saved bytes and takes no memory_budget "
+                f"(memory_budget={self.memory_budget}); use solver='auto' (min-cut without a "
+                f"budget, the budget MILP with one), 'budget', 'greedy' or 'uniform'")
         if self.layers_per_checkpoint is not None and not self._uniform_requested():
             raise ConfigError(
                 f"layers_per_checkpoint={self.layers_per_checkpoint!r} applies only to the "

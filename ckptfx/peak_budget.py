@@ -94,7 +94,9 @@ def peak_candidates(joint: JointGraph, prep: Prepared) -> PeakCandidates:
         seen, notes = chain_candidates(joint, problem, anchor, to_plan,
                                        config.mincut_recompute_expensive, deadline)
     else:
-        seen, notes = [anchor] + _sweep(joint, problem, solver, default, to_plan, deadline), ()
+        seen = [anchor] + _sweep(joint, problem, solver, default, to_plan, deadline,
+                                 layerwise=config.budget_recompute_expensive)
+        notes = ()
     if all(c.peak is None for c in seen):
         raise UnsupportedGraphError(
             "budget_kind='peak': no candidate plan's peak could be simulated (nodes without "
@@ -167,9 +169,10 @@ def _evaluate(joint, problem: SolveProblem, solver, bound: int, to_plan,
 
 
 def _sweep(joint, problem: SolveProblem, solver, default: Solution, to_plan,
-           deadline: float) -> list[Candidate]:
+           deadline: float, layerwise: bool = True) -> list[Candidate]:
     """The saved-bytes sweep: the budget solver's plans for SWEEP + 1 bounds from the least
-    bytes to the no-budget plan's bytes, plus the layer-wise plans."""
+    bytes to the no-budget plan's bytes, plus the layer-wise plans unless ``layerwise`` is
+    False (``recompute_expensive=False``: they recompute every block's matmuls)."""
     low = _evaluate(joint, problem, solver, 0, to_plan, deadline)
     least = saved_bytes(problem, low.solution.saved)
     top = max(least, saved_bytes(problem, default.saved))
@@ -180,4 +183,4 @@ def _sweep(joint, problem: SolveProblem, solver, default: Solution, to_plan,
         seen.append(_evaluate(joint, problem, solver, least + (top - least) * i // SWEEP,
                               to_plan, deadline))
     return seen + [evaluate(joint, problem, sol, to_plan)
-                   for sol in layerwise_candidates(problem)]
+                   for sol in (layerwise_candidates(problem) if layerwise else ())]

@@ -272,7 +272,7 @@ def _detail(row, table: NodeTable, action: Action) -> str:
         return f"may not be recomputed: {row.ban_reason}"
     readers = [u for u in row.users if table[u].role is Role.BACKWARD]
     if row.compute_intensive:
-        why = f"{row.op_name} is compute-bound (recompute_expensive=False)"
+        why = f"{row.op_name} is compute-bound (kept rather than recomputed unless a budget needs it)"
         return why + (f"; read by {_names(readers)}" if readers else "")
     return f"read by {_names(readers)}" if readers else "inputs of recomputed ops"
 
@@ -346,9 +346,14 @@ def saved_budget(problem: SolveProblem, budget, config: RematConfig) -> int:
     """A saved-bytes budget in bytes (Note [Budget fractions] in ckptfx/config.py)."""
     if budget.fraction is None:
         return budget.nbytes
-    least = saved_bytes(problem, mincut_saved(problem, True))
+    from ckptfx.solvers.rules import bind_expensive, least_bytes_plan
+
+    # 0.0 is the least any plan the solvers may make saves: with recompute_expensive=False,
+    # the least without recomputing a compute-bound op
+    bound = bind_expensive(problem, config.budget_recompute_expensive)
+    least = saved_bytes(problem, least_bytes_plan(bound))
     default = saved_bytes(problem, mincut_saved(problem, config.mincut_recompute_expensive))
-    return budget.resolve(least, default)
+    return budget.resolve(least, max(least, default))
 
 
 def rank_safe_cost_model(config: RematConfig) -> str:
@@ -396,7 +401,8 @@ def _solver_kwargs(name: str, config: RematConfig) -> dict[str, Any]:
         return {}
     if name == "uniform":
         return {"layers_per_checkpoint": config.layers_per_checkpoint,
-                "recompute_expensive": config.mincut_recompute_expensive}
+                "recompute_expensive": config.mincut_recompute_expensive,
+                "bind_expensive": config.recompute_expensive is False}
     if name in ("budget", "greedy"):
         return {"recompute_expensive": config.budget_recompute_expensive}
     return {"recompute_expensive": config.mincut_recompute_expensive}

@@ -261,9 +261,9 @@ def build_report(graph_id: int, plan, plan_time_s: float,
 def _module_note(plan) -> tuple[str, ...]:
     if any(d.module for d in plan.decisions.values()):
         return ()
-    return ("the graph carries no module paths (traced without Dynamo): module-based "
-            "policies (uniform, megatron_selective, save_modules) cannot act on it; "
-            "use torch.compile or ckptfx.capture.capture_joints",)
+    return ("the graph carries no module paths (ops outside every module, such as a loss, "
+            "or a graph traced without Dynamo): module-based policies (megatron_selective, "
+            "save_modules) cannot act on it; repeated blocks are found from its structure",)
 
 
 def _saved_expr(joint, plan):

@@ -184,3 +184,21 @@ def test_a_frontier_plans_every_budget_as_alone(joint):
         alone = plan_all(joint, RematConfig(memory_budget=budget)).plan
         assert planned.plan.saved == alone.saved
         assert planned.plan.predicted_peak_bytes == alone.predicted_peak_bytes
+
+
+@pytest.mark.parametrize("options", [{"memory_budget": 0.0},
+                                     {"memory_budget": 0.0, "budget_kind": "saved"},
+                                     {"policy": "uniform", "layers_per_checkpoint": 1}])
+def test_recompute_expensive_false_binds_every_path(joint, options):
+    free = plan_all(joint, RematConfig(**options)).plan
+    bound = plan_all(joint, RematConfig(recompute_expensive=False, **options)).plan
+    assert any(free.decisions[n].op.startswith(("addmm", "mm", "_scaled")) for n in free.recomputed)
+    assert not [n for n in bound.recomputed
+                if bound.decisions[n].op.startswith(("addmm", "mm", "bmm", "_scaled"))]
+
+
+def test_strict_budget_error_reaches_the_caller_by_its_class():
+    model, ids = _gpt()
+    backend = ckptfx.CkptBackend(inner="eager", memory_budget="1KiB", strict=True)
+    with pytest.raises(ckptfx.InfeasibleBudgetError):
+        torch.compile(model, backend=backend)(ids).float().sum().backward()

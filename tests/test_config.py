@@ -95,7 +95,8 @@ def test_config_is_frozen_hashable_and_keyed():
 def test_auto_solver_choice():
     assert RematConfig().effective_solver == "mincut"
     assert RematConfig.from_options({"memory_budget": 0.5}).effective_solver == "budget"
-    assert RematConfig.from_options({"solver": "mincut", "memory_budget": 0.5}).effective_solver == "mincut"
+    with pytest.raises(ConfigError, match="solver='mincut'"):  # takes no budget: said up front
+        RematConfig.from_options({"solver": "mincut", "memory_budget": 0.5})
 
 
 def test_coerce_accepts_dicts_and_rejects_others():

@@ -24,7 +24,7 @@ ckptfx graph 0: policy=none, solver=mincut, budget=none
   solve 0.0 ms, plan+rewrite 0.0 ms
   note: min-cut optimal over saved bytes
   saved                 op                      module                          bytes  source                  reason
-  addmm                 addmm.default           blocks.0.0                   1.00 KiB  toy_models.py:20        owns the storage of view_1 (min-cut: saving it is part of the least-bytes cut); addmm.default is compute-bound (recompute_expensive=False)
+  addmm                 addmm.default           blocks.0.0                   1.00 KiB  toy_models.py:20        owns the storage of view_1 (min-cut: saving it is part of the least-bytes cut); addmm.default is compute-bound (kept rather than recomputed unless a budget needs it)
   primals_3             primal                  -                               256 B  -                       owns the storage of view (min-cut: saving it is part of the least-bytes cut); inputs of recomputed ops
   mul                   mul.Scalar              -                               256 B  toy_models.py:21        min-cut: saving it is part of the least-bytes cut; read by mul_1
   + 1 saved value of 0 bytes (parameters, their views, sizes: resident anyway): primals_4

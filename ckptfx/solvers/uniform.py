@@ -128,12 +128,15 @@ def _available(node: ProblemNode, forced_recompute: set[str], avail: dict[str, b
     return recomputable and node.force != Force.SAVE and all(avail.get(i, True) for i in node.inputs)
 
 
-def uniform_constraints(problem: SolveProblem, k: int) -> tuple[SolveProblem, UniformLayout]:
+def uniform_constraints(problem: SolveProblem, k: int, keep_expensive: bool = False
+                        ) -> tuple[SolveProblem, UniformLayout]:
     """Adds the uniform checkpointing constraints to a problem (pure data).
 
     Args:
         problem: a problem with ``layers`` (blocks in forward order).
         k: blocks per segment (>= 1).
+        keep_expensive: never force a compute-bound node recomputed (``recompute_expensive=
+            False`` binds every solver): the inner solver keeps it instead.
 
     Returns:
         (the constrained problem, the layout): see Note [Uniform boundaries]. A node is only
@@ -144,7 +147,12 @@ def uniform_constraints(problem: SolveProblem, k: int) -> tuple[SolveProblem, Un
     checkpoints = tuple((i, checkpoint_values(problem, block)) for i, block in enumerate(layers)
                         if (i + 1) % k == 0)
     save = {name for _, outs in checkpoints for name in outs}
-    in_blocks = {name for block in layers for name in block}
+    expensive: set[str] = set()
+    if keep_expensive:  # and the members of one that returns a tuple (it cannot be saved)
+        unsavable = {n.name for n in problem.nodes if n.expensive and not n.can_save}
+        expensive = {n.name for n in problem.nodes
+                     if n.expensive or any(i in unsavable for i in n.inputs)}
+    in_blocks = {name for block in layers for name in block} - expensive
     block_of = {name: i for i, outs in checkpoints for name in outs}
     reasons = {name: f"uniform: checkpoint, output of block {block_of[name]} (one every {k} "
                      f"blocks)" for name in save}
@@ -228,10 +236,11 @@ class UniformSolver:
     name = "uniform"
 
     def __init__(self, layers_per_checkpoint: int | None = None, inner: str | None = None,
-                 recompute_expensive: bool = False) -> None:
+                 recompute_expensive: bool = False, bind_expensive: bool = False) -> None:
         self.layers_per_checkpoint = layers_per_checkpoint
         self.inner = inner
         self.recompute_expensive = recompute_expensive
+        self.bind_expensive = bind_expensive
 
     def _inner(self, problem: SolveProblem) -> tuple[str, Any, Solution | None]:
         """(name, solver, its solution if already known) for what the uniform constraints
@@ -271,7 +280,7 @@ class UniformSolver:
             raise ConfigError(
                 f"layers_per_checkpoint={k} exceeds the {n} repeated blocks of this graph; "
                 f"allowed values: 1..{n} (or None for round(sqrt(n)))")
-        constrained, layout = uniform_constraints(problem, k)
+        constrained, layout = uniform_constraints(problem, k, keep_expensive=self.bind_expensive)
         inner_name, inner, known = self._inner(constrained)
         left = problem.time_limit_s - (time.monotonic() - start)
         solution = known or inner.solve(
