@@ -36,6 +36,19 @@ def batch(step: int, device: torch.device, per_rank: bool = True) -> torch.Tenso
     return torch.randint(0, CFG.vocab, (CFG.batch, CFG.seq), generator=g).to(device)
 
 
+def train(step_fn, params, device: torch.device, steps: int = 3) -> list[float]:
+    """``steps`` AdamW steps of ``step_fn`` (a batch -> the loss), the losses."""
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    losses = []
+    for step in range(steps):
+        opt.zero_grad()
+        loss = step_fn(batch(step, device))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def summary(name: str, backend, losses: list[float]) -> None:
     """Prints, on rank 0, the losses and what ckptfx planned for each compiled graph (a graph
     that several blocks share saves its bytes once per call)."""

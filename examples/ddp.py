@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ckptfx
-from _common import batch, gpt, setup, summary
+from _common import gpt, setup, summary, train
 
 
 def main() -> None:
@@ -19,15 +19,7 @@ def main() -> None:
     model = gpt(device)
     backend = ckptfx.CkptBackend(memory_budget=0.5, verify_ranks=True, inner="eager")
     ddp = DDP(torch.compile(model, backend=backend))
-    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
-    losses = []
-    for step in range(3):
-        opt.zero_grad()
-        loss = ddp(batch(step, device))
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    summary("DDP", backend, losses)
+    summary("DDP", backend, train(ddp, ddp.parameters(), device))
     dist.destroy_process_group()
 
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 import ckptfx
-from _common import batch, gpt, setup, summary
+from _common import gpt, setup, summary, train
 
 
 def main() -> None:
@@ -30,15 +30,7 @@ def main() -> None:
         step_fn = model
     else:
         step_fn = torch.compile(model, backend=backend)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for step in range(3):
-        opt.zero_grad()
-        loss = step_fn(batch(step, device))
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    summary("FSDP2", backend, losses)
+    summary("FSDP2", backend, train(step_fn, model.parameters(), device))
     dist.destroy_process_group()
 
 
