@@ -275,11 +275,11 @@ def chain_candidates(joint, problem: SolveProblem, anchor: Candidate, to_plan,
         (candidates including ``anchor``, notes).
     """
     n = len(problem.layers)
-    ckpt, sqrt_n = (evaluate(joint, problem, sol, to_plan)
-                    for sol in layerwise_candidates(problem, recompute_expensive)[:2]) \
-        if default_k(n) > 1 else (evaluate(joint, problem, layerwise_candidates(
-            problem, recompute_expensive)[0], to_plan), None)
-    seen = [anchor, ckpt] + ([sqrt_n] if sqrt_n is not None else [])
+    every_block, *sqrt_n = layerwise_candidates(problem, recompute_expensive)  # k = 1, sqrt(n)
+    ckpt = evaluate(joint, problem, every_block, to_plan)
+    seen = [anchor, ckpt]
+    if sqrt_n and time.monotonic() <= deadline:
+        seen.append(evaluate(joint, problem, sqrt_n[0], to_plan))
     if ckpt.timeline is None or anchor.timeline is None:
         return seen, ("peak search: block chain not measured (no simulated timeline)",)
     maps = block_maps(joint, problem)
