@@ -220,13 +220,19 @@ def options_of(args, budgets=()) -> dict:
         options["policy"] = args.policy
     for budget in budgets or (None,):
         run = {"solver": "budget", **options, "memory_budget": budget} if budgets else options
-        check_combination(RematConfig.from_options(run))  # ConfigError naming the option
+        unbudgeted = {k: v for k, v in run.items() if k not in ("memory_budget", "budget_kind")}
+        check_combination(RematConfig.from_options(unbudgeted), run.get("memory_budget"))
+        RematConfig.from_options(run)  # ConfigError naming the option
     return options
 
 
-def check_combination(config) -> None:
+def check_combination(config, given) -> None:
     """Refuses, before any work, a memory budget for a solver that takes none (the
-    min-cut finds the fewest saved bytes whatever the budget).
+    min-cut finds the fewest saved bytes whatever the budget), in the command line's terms.
+
+    Args:
+        config: the options without the budget.
+        given: the budget (a MemoryBudget or the value given), or None.
 
     Raises:
         ConfigError: names the solver and the options that would work.
@@ -236,11 +242,10 @@ def check_combination(config) -> None:
     from ckptfx.planner import select_solver
     from ckptfx.solvers import registry
 
-    if config.memory_budget is None:
+    if given is None or config.solver == "auto":
         return
     name, kwargs = select_solver(config)
     if not getattr(registry.get(name, **kwargs), "takes_budget", True):
-        given = config.memory_budget
         shown = str(given) if isinstance(given, MemoryBudget) else repr(given)
         raise ConfigError(
             f"--solver {name} finds the fewest saved bytes and takes no budget (got "
