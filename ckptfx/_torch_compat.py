@@ -196,6 +196,55 @@ def is_opaque_node(node: fx.Node) -> bool:
     return bool(getattr(p, "is_opaque_node", lambda n: False)(node))
 
 
+def is_fwd_seed_offset(node: fx.Node) -> bool:
+    return partitioners()._is_fwd_seed_offset(node)
+
+
+def is_wait_tensor(node: fx.Node) -> bool:
+    """A functional collective's ``wait_tensor``."""
+    c10d = getattr(torch.ops, "_c10d_functional", None)
+    return c10d is not None and node.target is c10d.wait_tensor.default
+
+
+def is_script_object(val: Any) -> bool:
+    """A fake script object (an opaque value the extractor saves after the tensors)."""
+    from torch._library.fake_class_registry import FakeScriptObject
+
+    return isinstance(val, FakeScriptObject)
+
+
+def symbol_binding_nodes(graph: fx.Graph) -> dict[Any, fx.Node]:
+    """Size symbol -> the node that binds it (what the extractor saves with the values
+    whose sizes use it)."""
+    from torch.fx.experimental.symbolic_shapes import find_symbol_binding_fx_nodes
+
+    return find_symbol_binding_fx_nodes(graph)
+
+
+def symbol_bound_by(node: fx.Node) -> Any:
+    """The size symbol ``node`` binds, or None."""
+    from torch.fx.experimental.symbolic_shapes import is_symbol_binding_fx_node
+
+    return is_symbol_binding_fx_node(node)
+
+
+def free_size_symbols(val: Any) -> set:
+    """The size symbols a value's sizes use (``meta["val"]``)."""
+    from torch.fx.experimental.symbolic_shapes import free_symbols
+
+    return set(free_symbols(val))
+
+
+def dce_impure_random() -> bool:
+    """Whether fx's dead-code elimination keeps unused random ops here (it does outside a
+    ``torch.compile``; inside, as Inductor's ``fallback_random`` says)."""
+    import torch._guards
+
+    if torch._guards.TracingContext.try_get():
+        return bool(inductor_config().fallback_random)
+    return True
+
+
 def normalise_recompute_tags(joint_module: fx.GraphModule) -> None:
     """AOTAutograd's own tag steps, in place, as its min-cut partitioner runs them: checkpoint
     tags are normalised; collectives, effectful ops and the sources of backward mutations get

@@ -180,6 +180,41 @@ class _Storages:
     created: Mapping[fx.Node, tuple[_Key, ...]]
     nbytes: Mapping[_Key, int]  # bytes per storage; 0 for graph inputs (not counted)
     fused: frozenset[fx.Node] = frozenset()  # computed inside their users' kernels: 0 bytes
+    received: frozenset[fx.Node] = frozenset()  # the graph's saved-value inputs: no step
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphView:
+    """A graph as the simulation reads it (an emitted GraphModule, or the node order
+    :mod:`ckptfx.passes.emitted` predicts for one without building it).
+
+    Attributes:
+        nodes: its nodes in execution order, the output node left out.
+        users: node -> its users among ``nodes``.
+        returned: the leaves of the output's arguments (nodes, None, constants).
+    """
+
+    nodes: tuple[fx.Node, ...]
+    users: Mapping[fx.Node, tuple[fx.Node, ...]]
+    returned: tuple[Any, ...]
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule) -> "GraphView":
+        """The view of a GraphModule's graph."""
+        nodes = tuple(n for n in gm.graph.nodes if n.op != "output")
+        users = {n: tuple(u for u in n.users if u.op != "output") for n in nodes}
+        out = gm.graph.find_nodes(op="output")
+        returned = tuple(compat.arg_tree_leaves(*out[0].args)) if out else ()
+        return cls(nodes, users, returned)
+
+
+class _Memo:
+    """Per-node facts that do not depend on the plan (alias sources, storage bytes under
+    one SizeHints), kept across the simulations of one graph's candidate plans."""
+
+    def __init__(self) -> None:
+        self.sources: dict[fx.Node, list[fx.Node | None]] = {}
+        self.nbytes: dict[tuple[fx.Node, int], int] = {}
 
 
 def _leaves(val: Any) -> list[Any]:
@@ -255,8 +290,8 @@ def _alias_sources(node: fx.Node) -> list[fx.Node | None]:
 
 
 def _call_refs(node: fx.Node, refs: Mapping[fx.Node, tuple[_Key | None, ...]], tag: Phase,
-               hints: SizeHints, nbytes: dict[_Key, int]) -> tuple[tuple[_Key | None, ...],
-                                                                  tuple[_Key, ...]]:
+               hints: SizeHints, nbytes: dict[_Key, int], memo: _Memo | None = None
+               ) -> tuple[tuple[_Key | None, ...], tuple[_Key, ...]]:
     """(storage per output, storages allocated) of one call_function node."""
     val = node.meta.get("val")
     if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
@@ -266,39 +301,55 @@ def _call_refs(node: fx.Node, refs: Mapping[fx.Node, tuple[_Key | None, ...]], t
         return (None,), ()
     own: list[_Key | None] = []
     created = []
-    for j, (out, src) in enumerate(zip(_leaves(val), _alias_sources(node))):
+    if memo is None:
+        sources = _alias_sources(node)
+    elif node in memo.sources:
+        sources = memo.sources[node]
+    else:
+        sources = memo.sources[node] = _alias_sources(node)
+    for j, (out, src) in enumerate(zip(_leaves(val), sources)):
         src_keys = [k for k in refs.get(src, ()) if k is not None] if src is not None else []
         if not isinstance(out, torch.Tensor) or src_keys:
             own.append(src_keys[0] if src_keys and isinstance(out, torch.Tensor) else None)
             continue
         key = (tag, node.name, j)
-        nbytes[key] = _storage_nbytes(out, hints)
+        if memo is None:
+            nbytes[key] = _storage_nbytes(out, hints)
+        else:
+            size = memo.nbytes.get((node, j))
+            if size is None:
+                size = memo.nbytes[(node, j)] = _storage_nbytes(out, hints)
+            nbytes[key] = size
         own.append(key)
         created.append(key)
     return tuple(own), tuple(created)
 
 
-def _storages(gm: fx.GraphModule, tag: Phase, inputs: Mapping[str, tuple[_Key, ...]],
-              hints: SizeHints, buffers: frozenset[str] | None = None) -> _Storages:
-    """Finds the storages of ``gm`` (see Note [Memory model]).
+def _storages(view: GraphView, tag: Phase, inputs: Mapping[str, tuple[_Key, ...]],
+              hints: SizeHints, buffers: frozenset[str] | None = None,
+              memo: _Memo | None = None) -> _Storages:
+    """Finds the storages of a graph (see Note [Memory model]).
 
     Args:
-        gm: the graph.
+        view: the graph's GraphView.
         tag: the Phase (names the storages it allocates).
         inputs: placeholder name -> storages it receives from the other graph (saved values).
             A tangent placeholder allocates a storage; any other is a resident input.
         hints: evaluates symbolic sizes.
         buffers: names of the call nodes that own a buffer (None: every one); the
             storages of the others count 0 bytes (Note [Fused values]).
+        memo: plan-independent facts kept across calls on the same nodes.
     """
     refs: dict[fx.Node, tuple[_Key | None, ...]] = {}
     created: dict[fx.Node, tuple[_Key, ...]] = {}
     nbytes: dict[_Key, int] = {}
     fused = set()
-    for node in gm.graph.nodes:
+    received = set()
+    for node in view.nodes:
         val = node.meta.get("val")
-        if node.op == "placeholder" and node.name in inputs:
+        if node.name in inputs:  # a saved value: a placeholder of the backward
             refs[node] = inputs[node.name]
+            received.add(node)
         elif node.op in ("placeholder", "get_attr"):
             if not isinstance(val, torch.Tensor):
                 refs[node] = (None,)
@@ -308,61 +359,58 @@ def _storages(gm: fx.GraphModule, tag: Phase, inputs: Mapping[str, tuple[_Key, .
             nbytes[key] = _storage_nbytes(val, hints) if counted else 0
             refs[node], created[node] = (key,), ((key,) if counted else ())
         elif node.op == "call_function":
-            refs[node], created[node] = _call_refs(node, refs, tag, hints, nbytes)
+            refs[node], created[node] = _call_refs(node, refs, tag, hints, nbytes, memo)
             if buffers is not None and created[node] and node.name not in buffers:
                 fused.add(node)
                 nbytes.update((k, 0) for k in created[node])
-        elif node.op != "output":
+        else:
             raise UnsupportedGraphError(
                 f"memory simulation: node {node.name!r} has op {node.op!r}; only placeholder, "
                 f"get_attr, call_function and output are supported (inline submodules first)")
-    return _Storages(refs, created, nbytes, frozenset(fused))
+    return _Storages(refs, created, nbytes, frozenset(fused), frozenset(received))
 
 
-def _lifetimes(gm: fx.GraphModule, st: _Storages) -> tuple[dict[_Key, int], set[_Key]]:
+def _lifetimes(view: GraphView, st: _Storages) -> tuple[dict[_Key, int], set[_Key]]:
     """(storage -> index of the node after which it dies, storages the output returns).
 
     A fused user reads its inputs where its own value is read (Note [Fused values]), so
     nodes are visited last to first: a fused node's storages end before its inputs'.
     """
-    nodes = list(gm.graph.nodes)
+    nodes = view.nodes
     order = {n: i for i, n in enumerate(nodes)}
     last: dict[_Key, int] = {}
-    returned: set[_Key] = set()
+    returned = _refs_of(list(view.returned), st.refs)
+    users, fused, created = view.users, st.fused, st.created
     for node in reversed(nodes):
-        if node.op == "output":
-            continue
         end = order[node]
-        for user in node.users:
-            if user.op == "output":
-                returned.update(k for k in st.refs[node] if k is not None)
-            elif user in st.fused:
-                end = max([end, order[user]] + [last.get(k, -1) for k in st.created[user]])
-            else:
-                end = max(end, order[user])
+        for user in users[node]:
+            if user in fused:
+                end = max([end, order[user]] + [last.get(k, -1) for k in created[user]])
+            elif order[user] > end:
+                end = order[user]
         for key in st.refs[node]:
-            if key is not None:
-                last[key] = max(last.get(key, -1), end)
+            if key is not None and last.get(key, -1) < end:
+                last[key] = end
     return last, returned
 
 
-def _replay(gm: fx.GraphModule, tag: Phase, st: _Storages, nbytes: Mapping[_Key, int],
+def _replay(view: GraphView, tag: Phase, st: _Storages, nbytes: Mapping[_Key, int],
             live: int, keep: set[_Key]) -> tuple[list[MemoryStep], int]:
     """Runs the liveness of one graph from ``live`` bytes; returns (steps, live at its end).
 
     ``nbytes`` covers this graph's storages and those it receives; storages in ``keep`` or
     returned by the graph are never freed here.
     """
-    last, returned = _lifetimes(gm, st)
+    last, returned = _lifetimes(view, st)
     frees: dict[int, list[_Key]] = defaultdict(list)
     for key, idx in last.items():
         if key not in returned and key not in keep:
             frees[idx].append(key)
     steps = []
-    for i, node in enumerate(gm.graph.nodes):
+    for i, node in enumerate(view.nodes):
         new = st.created.get(node, ())
         live += sum(nbytes[k] for k in new)
-        if node.op == "call_function" or new:
+        if new or (node.op == "call_function" and node not in st.received):
             steps.append(MemoryStep(tag, node.name, live))
         live -= sum(nbytes[k] for k in frees.get(i, ()))
     return steps, live
@@ -416,7 +464,12 @@ def _returns_nothing(node: fx.Node) -> bool:
 def missing_vals(gm: fx.GraphModule) -> list[str]:
     """Names of the nodes of ``gm`` without ``meta["val"]`` that the simulation needs (an op
     that returns nothing needs none; Note [Memory model])."""
-    return [n.name for n in gm.graph.nodes
+    return missing_vals_of(gm.graph.nodes)
+
+
+def missing_vals_of(nodes) -> list[str]:
+    """:func:`missing_vals` of a sequence of nodes."""
+    return [n.name for n in nodes
             if n.op != "output" and "val" not in n.meta and not _returns_nothing(n)]
 
 
@@ -456,11 +509,28 @@ def simulate(fw: fx.GraphModule, bw: fx.GraphModule, hints: SizeHints | None = N
     if hints is None:
         hints = SizeHints.from_graphs(fw.graph, bw.graph)
     user, saved = saved_inputs(fw, bw)
+    return simulate_views(GraphView.of(fw), GraphView.of(bw), user, saved, hints, buffers)
+
+
+def simulate_views(fw: GraphView, bw: GraphView, user: list[Any], saved: Mapping[str, fx.Node],
+                   hints: SizeHints, buffers: Mapping[Phase, frozenset[str]] | None = None,
+                   memo: _Memo | None = None) -> MemoryTimeline:
+    """:func:`simulate` on GraphViews (every node with ``meta["val"]``).
+
+    Args:
+        fw: the forward's view.
+        bw: the backward's view.
+        user: the forward's user outputs (output leaves).
+        saved: backward input name -> the forward node it receives.
+        hints: values of size symbols.
+        buffers: as in :func:`simulate`.
+        memo: plan-independent facts kept across simulations of the same nodes.
+    """
     buffers = buffers or {}
-    fw_st = _storages(fw, FORWARD, {}, hints, buffers.get(FORWARD))
+    fw_st = _storages(fw, FORWARD, {}, hints, buffers.get(FORWARD), memo)
     fw_steps, boundary = _replay(fw, FORWARD, fw_st, fw_st.nbytes, 0, set())
     bw_st = _storages(bw, BACKWARD, {p: fw_st.refs[n] for p, n in saved.items()}, hints,
-                      buffers.get(BACKWARD))
+                      buffers.get(BACKWARD), memo)
     nbytes = {**fw_st.nbytes, **bw_st.nbytes}
     bw_steps, _ = _replay(bw, BACKWARD, bw_st, nbytes, boundary, _refs_of(user, fw_st.refs))
     steps = tuple(fw_steps + bw_steps)
@@ -536,18 +606,19 @@ def storage_timeline(fw: fx.GraphModule, bw: fx.GraphModule,
         hints = SizeHints.from_graphs(fw.graph, bw.graph)
     user, saved = saved_inputs(fw, bw)
     sym = _Symbolic()
-    fw_st = _storages(fw, FORWARD, {}, sym)
-    bw_st = _storages(bw, BACKWARD, {p: fw_st.refs[n] for p, n in saved.items()}, sym)
+    fw_view, bw_view = GraphView.of(fw), GraphView.of(bw)
+    fw_st = _storages(fw_view, FORWARD, {}, sym)
+    bw_st = _storages(bw_view, BACKWARD, {p: fw_st.refs[n] for p, n in saved.items()}, sym)
     exprs = {**fw_st.nbytes, **bw_st.nbytes}
     live: list[frozenset[_Key]] = []
     alive: set[_Key] = set()
     returned: set[_Key] = set()
-    for gm, st, keep in ((fw, fw_st, set()), (bw, bw_st, _refs_of(user, fw_st.refs))):
-        last, returned = _lifetimes(gm, st)
-        for i, node in enumerate(gm.graph.nodes):
+    for view, st, keep in ((fw_view, fw_st, set()), (bw_view, bw_st, _refs_of(user, fw_st.refs))):
+        last, returned = _lifetimes(view, st)
+        for i, node in enumerate(view.nodes):
             new = st.created.get(node, ())
             alive.update(new)
-            if node.op == "call_function" or new:
+            if new or (node.op == "call_function" and node not in st.received):
                 live.append(frozenset(alive))
             alive.difference_update(k for k, idx in last.items()
                                     if idx == i and k not in returned and k not in keep)

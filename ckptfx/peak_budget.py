@@ -38,7 +38,7 @@ import time
 
 from ckptfx.errors import UnsupportedGraphError
 from ckptfx.joint import JointGraph
-from ckptfx.candidates import Candidate, evaluate
+from ckptfx.candidates import Candidate, Simulator, evaluate
 from ckptfx.peak_chain import chain_candidates, layerwise_candidates
 from ckptfx.planner import Planned, Prepared, finish, mincut_saved
 from ckptfx.solvers.base import SolveProblem, Solution, saved_bytes
@@ -89,12 +89,13 @@ def peak_candidates(joint: JointGraph, prep: Prepared) -> PeakCandidates:
     # the user chose no solver or policy, and allows checkpointed blocks' recomputed matmuls
     chain = name == "budget" and config.solver == "auto" and config.budget_recompute_expensive
     deadline = time.monotonic() + problem.time_limit_s
-    anchor = evaluate(joint, problem, default, to_plan)
+    simulator = Simulator(joint)
+    anchor = evaluate(simulator, problem, default, to_plan)
     if chain and len(problem.layers) >= 2 and anchor.peak is not None:
-        seen, notes = chain_candidates(joint, problem, anchor, to_plan,
+        seen, notes = chain_candidates(simulator, problem, anchor, to_plan,
                                        config.mincut_recompute_expensive, deadline)
     else:
-        seen = [anchor] + _sweep(joint, problem, solver, default, to_plan, deadline,
+        seen = [anchor] + _sweep(simulator, problem, solver, default, to_plan, deadline,
                                  layerwise=config.budget_recompute_expensive)
         notes = ()
     if all(c.peak is None for c in seen):
@@ -160,27 +161,27 @@ def choose(candidates: PeakCandidates, budget) -> tuple[Solution, int, int]:
     return solution, best.peak, target
 
 
-def _evaluate(joint, problem: SolveProblem, solver, bound: int, to_plan,
+def _evaluate(simulator, problem: SolveProblem, solver, bound: int, to_plan,
               deadline: float | None = None) -> Candidate:
     limit = problem.time_limit_s if deadline is None else max(0.5, deadline - time.monotonic())
     sub = dataclasses.replace(problem, budget_bytes=bound, budget_kind="saved",
                               time_limit_s=min(problem.time_limit_s, limit))
-    return evaluate(joint, sub, solver.solve(sub), to_plan, bound)
+    return evaluate(simulator, sub, solver.solve(sub), to_plan, bound)
 
 
-def _sweep(joint, problem: SolveProblem, solver, default: Solution, to_plan,
+def _sweep(simulator, problem: SolveProblem, solver, default: Solution, to_plan,
            deadline: float, layerwise: bool = True) -> list[Candidate]:
     """The saved-bytes sweep: the budget solver's plans for SWEEP + 1 bounds from the least
     bytes to the no-budget plan's bytes, plus the layer-wise plans unless ``layerwise`` is
     False (``recompute_expensive=False``: they recompute every block's matmuls)."""
-    low = _evaluate(joint, problem, solver, 0, to_plan, deadline)
+    low = _evaluate(simulator, problem, solver, 0, to_plan, deadline)
     least = saved_bytes(problem, low.solution.saved)
     top = max(least, saved_bytes(problem, default.saved))
     seen = [low]
     for i in range(1, SWEEP + 1):
         if time.monotonic() > deadline:
             break
-        seen.append(_evaluate(joint, problem, solver, least + (top - least) * i // SWEEP,
+        seen.append(_evaluate(simulator, problem, solver, least + (top - least) * i // SWEEP,
                               to_plan, deadline))
-    return seen + [evaluate(joint, problem, sol, to_plan)
+    return seen + [evaluate(simulator, problem, sol, to_plan)
                    for sol in (layerwise_candidates(problem) if layerwise else ())]

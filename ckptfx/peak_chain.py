@@ -6,7 +6,7 @@ blocks, ``SolveProblem.layers``); it composes plan, apply and simulate through
 
 Call tree::
 
-    chain_candidates(joint, problem, anchor, to_plan, ...)
+    chain_candidates(simulator, problem, anchor, to_plan, ...)
     ├── layerwise_candidates(problem)      every block checkpointed (k = 1), and k = sqrt(n)
     ├── measure_chain(joint, problem, ...) ChainModel from the two simulated timelines
     │   └── region_peaks(timeline, ...)    the most bytes live while each block runs
@@ -258,13 +258,13 @@ def assemble(problem: SolveProblem, groups: list[_Group], assignment: tuple[int,
     return dataclasses.replace(solution, notes=(f"block chain: options {assignment}",))
 
 
-def chain_candidates(joint, problem: SolveProblem, anchor: Candidate, to_plan,
+def chain_candidates(simulator, problem: SolveProblem, anchor: Candidate, to_plan,
                      recompute_expensive: bool, deadline: float
                      ) -> tuple[list[Candidate], tuple[str, ...]]:
     """The block chain's candidates (Note [Peak search paths]) and notes saying what ran.
 
     Args:
-        joint: the JointGraph.
+        simulator: the joint graph's candidates.Simulator.
         problem: the SolveProblem, with ``layers``.
         anchor: the no-budget plan, evaluated (every block ``keep``).
         to_plan: the planner's converter.
@@ -276,10 +276,11 @@ def chain_candidates(joint, problem: SolveProblem, anchor: Candidate, to_plan,
     """
     n = len(problem.layers)
     every_block, *sqrt_n = layerwise_candidates(problem, recompute_expensive)  # k = 1, sqrt(n)
-    ckpt = evaluate(joint, problem, every_block, to_plan)
+    joint = simulator.joint
+    ckpt = evaluate(simulator, problem, every_block, to_plan)
     seen = [anchor, ckpt]
     if sqrt_n and time.monotonic() <= deadline:
-        seen.append(evaluate(joint, problem, sqrt_n[0], to_plan))
+        seen.append(evaluate(simulator, problem, sqrt_n[0], to_plan))
     if ckpt.timeline is None or anchor.timeline is None:
         return seen, ("peak search: block chain not measured (no simulated timeline)",)
     maps = block_maps(joint, problem)
@@ -289,7 +290,7 @@ def chain_candidates(joint, problem: SolveProblem, anchor: Candidate, to_plan,
     for o in range(2, 2 + SELECTIVE):
         if time.monotonic() > deadline:
             break
-        cand = _try(joint, problem, groups, (o,) * n, to_plan, recompute_expensive, tried)
+        cand = _try(simulator, problem, groups, (o,) * n, to_plan, recompute_expensive, tried)
         if cand.timeline is not None:
             uniform[o] = cand
     model = measure_chain(problem, uniform, maps)
@@ -298,7 +299,7 @@ def chain_candidates(joint, problem: SolveProblem, anchor: Candidate, to_plan,
         assignment = solve_chain(model, low + (high - low) * j / GRID)
         if assignment is None or time.monotonic() > deadline:
             break
-        _try(joint, problem, groups, assignment, to_plan, recompute_expensive, tried)
+        _try(simulator, problem, groups, assignment, to_plan, recompute_expensive, tried)
     seen += [c for a, c in tried.items() if c is not anchor and c is not ckpt]
     gaps = [abs(chain_peak(model, a) - c.peak) / c.peak for a, c in tried.items()
             if c.peak and len(set(a)) > 1]
@@ -309,9 +310,9 @@ def chain_candidates(joint, problem: SolveProblem, anchor: Candidate, to_plan,
     return seen, (note,)
 
 
-def _try(joint, problem, groups, assignment, to_plan, recompute_expensive, tried) -> Candidate:
+def _try(simulator, problem, groups, assignment, to_plan, recompute_expensive, tried) -> Candidate:
     """The candidate of an assignment, evaluated once."""
     if assignment not in tried:
-        tried[assignment] = evaluate(joint, problem, assemble(problem, groups, assignment,
+        tried[assignment] = evaluate(simulator, problem, assemble(problem, groups, assignment,
                                                               recompute_expensive), to_plan)
     return tried[assignment]

@@ -33,6 +33,31 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture(autouse=True)
+def _emitted_graphs_match_the_rewrite(monkeypatch):
+    """Every candidate a peak search simulates from predicted node orders (Note [Emitted
+    graphs without building them]) is simulated from the rewritten graphs too: the two
+    timelines must be equal. Mismatches are collected (a partitioner's error would be
+    caught by its safety net) and fail the test at its end."""
+    from ckptfx.candidates import Simulator
+
+    timeline = Simulator.timeline
+    mismatches = []
+
+    def checked(self, plan):
+        got = timeline(self, plan)
+        if self.layout is not None:
+            ref = timeline(Simulator(self.joint, emitted=False), plan)
+            if got != ref:
+                mismatches.append((plan.saved, None if got is None else got.peak_bytes,
+                                   None if ref is None else ref.peak_bytes))
+        return got
+
+    monkeypatch.setattr(Simulator, "timeline", checked)
+    yield
+    assert not mismatches, f"emitted-graph timelines differ from the rewrite's: {mismatches[:3]}"
+
+
 def run_partitioned(fn, inputs, config=None):
     """fn through aot_function with ckptfx's partition_fn and eager (boxed nop) compilers.
 

@@ -36,26 +36,40 @@ def split(joint: JointGraph, plan: RematPlan) -> tuple[fx.GraphModule, fx.GraphM
     return compat.extract_fwd_bwd(joint.gm, saved_values, saved_sym, joint.num_fwd_outputs)
 
 
-def _dead_forward_copies(bw: fx.GraphModule, forward: frozenset[str]) -> set[fx.Node]:
+def dead_forward_copies(nodes, users_of, forward: frozenset[str]) -> set[fx.Node]:
     """Copies of forward nodes in the backward that nothing uses.
 
     AOTAutograd's extractor copies every node whose inputs are available; fx's dead-code
     elimination keeps impure ones (random ops), which would redo the forward's work and
     advance the RNG a second time. A forward node is computed by the forward; its unused
     copy in the backward is always removable, whatever its purity.
+
+    Args:
+        nodes: the backward's nodes, in order.
+        users_of: node -> its users in the backward (the output included).
+        forward: names of the joint graph's forward nodes.
     """
     dead: set[fx.Node] = set()
-    for node in reversed(bw.graph.nodes):
-        if node.op == "call_function" and node.name in forward and all(u in dead for u in node.users):
+    for node in reversed(nodes):
+        if node.op == "call_function" and node.name in forward and \
+                all(u in dead for u in users_of(node)):
             dead.add(node)
     return dead
 
 
-def just_in_time_order(bw: fx.GraphModule, fw_computable: frozenset[str],
+def just_in_time_order(nodes, inputs_of, users_of, movable,
                        dead: set[fx.Node] = frozenset()) -> list[fx.Node]:
-    """The order :func:`place_just_in_time` gives the nodes of ``bw`` (``dead`` ones left
-    out): each tangent-independent node that may move just before its first user, the
-    others where they are."""
+    """The order :func:`place_just_in_time` gives the backward's ``nodes`` (``dead`` ones
+    left out): each node that may move (``movable(node)``: it depends on no tangent) just
+    before its first user, the others where they are.
+
+    Args:
+        nodes: the backward's nodes, in order.
+        inputs_of: node -> the nodes it reads in the backward.
+        users_of: node -> its users in the backward (the output included).
+        movable: whether a node may move.
+        dead: nodes to leave out.
+    """
     placed: set[fx.Node] = set()
     order: list[fx.Node] = []
 
@@ -71,12 +85,12 @@ def just_in_time_order(bw: fx.GraphModule, fw_computable: frozenset[str],
                 order.append(cur)
                 continue
             stack.append((cur, True))
-            for p in reversed(cur.all_input_nodes):
+            for p in reversed(inputs_of(cur)):
                 if p not in placed:
                     stack.append((p, False))
 
-    for node in bw.graph.nodes:
-        if node in dead or (is_movable(node, fw_computable) and node.users):
+    for node in nodes:
+        if node in dead or (movable(node) and users_of(node)):
             continue  # dropped, or placed on demand by its first user
         emit(node)
     return order
@@ -101,10 +115,12 @@ def place_just_in_time(bw: fx.GraphModule, fw_computable: frozenset[str],
     Returns:
         ``bw``, computing the same values in the new order.
     """
-    dead = _dead_forward_copies(bw, forward)
-    order = just_in_time_order(bw, fw_computable, dead)
     graph = bw.graph
-    for node in reversed(list(graph.nodes)):
+    nodes = list(graph.nodes)
+    dead = dead_forward_copies(nodes, _users, forward)
+    order = just_in_time_order(nodes, _inputs, _users,
+                               lambda n: is_movable(n, fw_computable), dead)
+    for node in reversed(nodes):
         if node in dead:
             graph.erase_node(node)
     out = graph.find_nodes(op="output")[0]
@@ -115,6 +131,14 @@ def place_just_in_time(bw: fx.GraphModule, fw_computable: frozenset[str],
             node.meta[META_KEY] = True
     bw.recompile()  # rewrite() lints it, with the other invariants (passes/verify.py)
     return bw
+
+
+def _users(node: fx.Node):
+    return node.users
+
+
+def _inputs(node: fx.Node):
+    return node.all_input_nodes
 
 
 def rewrite(joint: JointGraph, plan: RematPlan) -> tuple[fx.GraphModule, fx.GraphModule]:
