@@ -88,7 +88,7 @@ import logging
 import operator
 from collections import defaultdict
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import sympy
 import torch
@@ -115,9 +115,9 @@ FORWARD, BACKWARD = Phase.FORWARD, Phase.BACKWARD
 _Key = tuple[Phase, str, int]  # (graph, allocating node, output index): one storage
 
 
-@dataclasses.dataclass(frozen=True)
-class MemoryStep:
-    """One step of the simulation.
+class MemoryStep(NamedTuple):
+    """One step of the simulation (a named tuple: a deep graph's timeline has tens of
+    thousands of them).
 
     Attributes:
         graph: the Phase (``FORWARD`` or ``BACKWARD``).
@@ -213,8 +213,7 @@ class _Memo:
     one SizeHints), kept across the simulations of one graph's candidate plans."""
 
     def __init__(self) -> None:
-        self.sources: dict[fx.Node, list[fx.Node | None]] = {}
-        self.nbytes: dict[tuple[fx.Node, int], int] = {}
+        self.outputs: dict[fx.Node, tuple[tuple[int | None, fx.Node | None], ...]] = {}
 
 
 def _leaves(val: Any) -> list[Any]:
@@ -293,36 +292,43 @@ def _call_refs(node: fx.Node, refs: Mapping[fx.Node, tuple[_Key | None, ...]], t
                hints: SizeHints, nbytes: dict[_Key, int], memo: _Memo | None = None
                ) -> tuple[tuple[_Key | None, ...], tuple[_Key, ...]]:
     """(storage per output, storages allocated) of one call_function node."""
-    val = node.meta.get("val")
     if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
         parent, idx = refs[node.args[0]], node.args[1]
         if isinstance(idx, int) and -len(parent) <= idx < len(parent):
             return (parent[idx],), ()
         return (None,), ()
+    outputs = memo.outputs.get(node) if memo is not None else None
+    if outputs is None:
+        outputs = _outputs(node, hints)
+        if memo is not None:
+            memo.outputs[node] = outputs
     own: list[_Key | None] = []
     created = []
-    if memo is None:
-        sources = _alias_sources(node)
-    elif node in memo.sources:
-        sources = memo.sources[node]
-    else:
-        sources = memo.sources[node] = _alias_sources(node)
-    for j, (out, src) in enumerate(zip(_leaves(val), sources)):
-        src_keys = [k for k in refs.get(src, ()) if k is not None] if src is not None else []
-        if not isinstance(out, torch.Tensor) or src_keys:
-            own.append(src_keys[0] if src_keys and isinstance(out, torch.Tensor) else None)
+    for j, (size, src) in enumerate(outputs):
+        if size is None:  # not a tensor
+            own.append(None)
             continue
+        if src is not None:
+            found = None
+            for k in refs.get(src, ()):
+                if k is not None:
+                    found = k
+                    break
+            if found is not None:  # an alias of a storage this graph references
+                own.append(found)
+                continue
         key = (tag, node.name, j)
-        if memo is None:
-            nbytes[key] = _storage_nbytes(out, hints)
-        else:
-            size = memo.nbytes.get((node, j))
-            if size is None:
-                size = memo.nbytes[(node, j)] = _storage_nbytes(out, hints)
-            nbytes[key] = size
+        nbytes[key] = size
         own.append(key)
         created.append(key)
     return tuple(own), tuple(created)
+
+
+def _outputs(node: fx.Node, hints: SizeHints) -> tuple[tuple[int | None, fx.Node | None], ...]:
+    """Per output of a call node: (bytes of the storage it would allocate, None if it is not
+    a tensor; the input whose storage it may share, or None)."""
+    return tuple((_storage_nbytes(out, hints) if isinstance(out, torch.Tensor) else None, src)
+                 for out, src in zip(_leaves(node.meta.get("val")), _alias_sources(node)))
 
 
 def _storages(view: GraphView, tag: Phase, inputs: Mapping[str, tuple[_Key, ...]],
@@ -402,17 +408,20 @@ def _replay(view: GraphView, tag: Phase, st: _Storages, nbytes: Mapping[_Key, in
     returned by the graph are never freed here.
     """
     last, returned = _lifetimes(view, st)
-    frees: dict[int, list[_Key]] = defaultdict(list)
+    freed: dict[int, int] = defaultdict(int)  # node index -> bytes freed after it runs
     for key, idx in last.items():
         if key not in returned and key not in keep:
-            frees[idx].append(key)
+            freed[idx] += nbytes[key]
     steps = []
+    created, received = st.created, st.received
     for i, node in enumerate(view.nodes):
-        new = st.created.get(node, ())
-        live += sum(nbytes[k] for k in new)
-        if new or (node.op == "call_function" and node not in st.received):
+        new = created.get(node)
+        if new:
+            live += nbytes[new[0]] if len(new) == 1 else sum(nbytes[k] for k in new)
             steps.append(MemoryStep(tag, node.name, live))
-        live -= sum(nbytes[k] for k in frees.get(i, ()))
+        elif node.op == "call_function" and node not in received:
+            steps.append(MemoryStep(tag, node.name, live))
+        live -= freed.get(i, 0)
     return steps, live
 
 

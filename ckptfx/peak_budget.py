@@ -83,7 +83,7 @@ def peak_candidates(joint: JointGraph, prep: Prepared) -> PeakCandidates:
     default = Solution(mincut_saved(problem, prep.config.mincut_recompute_expensive))
 
     def to_plan(p, s):
-        return prep.to_plan(p, s, name)
+        return prep.to_plan(p, s, name, detail=False)  # simulated; finish() reports
 
     config = prep.config
     # the user chose no solver or policy, and allows checkpointed blocks' recomputed matmuls

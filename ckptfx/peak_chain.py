@@ -53,8 +53,7 @@ from ckptfx.solvers.chain import (
 )
 from ckptfx.solvers.uniform import (
     UniformSolver,
-    boundary_outputs,
-    checkpoint_values,
+    block_boundaries,
     constrain_blocks,
     default_k,
 )
@@ -229,13 +228,15 @@ def measure_chain(problem: SolveProblem, uniform: dict[int, Candidate], maps) ->
 
 
 def assemble(problem: SolveProblem, groups: list[_Group], assignment: tuple[int, ...],
-             recompute_expensive: bool) -> Solution:
+             recompute_expensive: bool, bounds=None) -> Solution:
     """The plan of an assignment: checkpointed blocks as the uniform solver (k = 1) keeps
     them, block plans moved to their blocks, ``keep`` blocks and the rest of the graph left
-    to the min-cut (Note [Peak search paths])."""
+    to the min-cut (Note [Peak search paths]). ``bounds``: the blocks'
+    :func:`~ckptfx.solvers.uniform.block_boundaries`, found here when None."""
     from ckptfx.solvers.mincut import MinCutSolver
 
     group_of = {i: g for g in groups for i in g.members}
+    bounds = bounds or block_boundaries(problem, problem.layers)
     save: set[str] = set()
     interior: set[str] = set()
     reasons: dict[str, str] = {}
@@ -244,11 +245,14 @@ def assemble(problem: SolveProblem, groups: list[_Group], assignment: tuple[int,
         if o == KEEP:
             continue
         if o == CHECKPOINT:
-            chosen = set(checkpoint_values(problem, block))
+            chosen = set(bounds[i][1])
             interior.update(block)
         else:
-            chosen = _option_nodes(problem, group_of[i], group_of[i].plans[o - 2], i)
-            outputs = set(boundary_outputs(problem, block))
+            # the block's plan assumes its inputs at hand: the stream between blocks is kept
+            # (else recomputing one block reaches back through all those before it)
+            chosen = _option_nodes(problem, group_of[i], group_of[i].plans[o - 2], i) | \
+                set(bounds[i][1])
+            outputs = set(bounds[i][0])
             interior.update(n for n in block if n not in outputs)
         save |= chosen
         reasons.update((n, f"block chain: block {i}, option {o}") for n in chosen)
@@ -286,11 +290,13 @@ def chain_candidates(simulator, problem: SolveProblem, anchor: Candidate, to_pla
     maps = block_maps(joint, problem)
     groups = block_groups(joint, problem, maps, recompute_expensive)
     tried = {(KEEP,) * n: anchor, (CHECKPOINT,) * n: ckpt}
+    bounds = block_boundaries(problem, problem.layers)
     uniform = {KEEP: anchor, CHECKPOINT: ckpt}
     for o in range(2, 2 + SELECTIVE):
         if time.monotonic() > deadline:
             break
-        cand = _try(simulator, problem, groups, (o,) * n, to_plan, recompute_expensive, tried)
+        cand = _try(simulator, problem, groups, (o,) * n, to_plan, recompute_expensive, tried,
+                    bounds)
         if cand.timeline is not None:
             uniform[o] = cand
     model = measure_chain(problem, uniform, maps)
@@ -299,7 +305,8 @@ def chain_candidates(simulator, problem: SolveProblem, anchor: Candidate, to_pla
         assignment = solve_chain(model, low + (high - low) * j / GRID)
         if assignment is None or time.monotonic() > deadline:
             break
-        _try(simulator, problem, groups, assignment, to_plan, recompute_expensive, tried)
+        _try(simulator, problem, groups, assignment, to_plan, recompute_expensive, tried,
+             bounds)
     seen += [c for a, c in tried.items() if c is not anchor and c is not ckpt]
     gaps = [abs(chain_peak(model, a) - c.peak) / c.peak for a, c in tried.items()
             if c.peak and len(set(a)) > 1]
@@ -310,9 +317,10 @@ def chain_candidates(simulator, problem: SolveProblem, anchor: Candidate, to_pla
     return seen, (note,)
 
 
-def _try(simulator, problem, groups, assignment, to_plan, recompute_expensive, tried) -> Candidate:
+def _try(simulator, problem, groups, assignment, to_plan, recompute_expensive, tried,
+         bounds) -> Candidate:
     """The candidate of an assignment, evaluated once."""
     if assignment not in tried:
-        tried[assignment] = evaluate(simulator, problem, assemble(problem, groups, assignment,
-                                                              recompute_expensive), to_plan)
+        tried[assignment] = evaluate(simulator, problem, assemble(
+            problem, groups, assignment, recompute_expensive, bounds), to_plan)
     return tried[assignment]

@@ -98,10 +98,12 @@ class Prepared:
         return name, solver
 
     def to_plan(self, problem: SolveProblem, solution: Solution, solver: str,
-                solve_time_s: float = 0.0) -> RematPlan:
-        """:func:`to_plan` with this preparation's table and options."""
+                solve_time_s: float = 0.0, detail: bool = True) -> RematPlan:
+        """:func:`to_plan` with this preparation's table and options; ``detail=False``
+        leaves out the decisions only a report reads, for candidate plans that are
+        simulated, not reported."""
         return to_plan(problem, solution, solver, solve_time_s, self.full_bytes, self.table,
-                       self.config)
+                       self.config, detail)
 
 
 def size_hints(joint: JointGraph, config: RematConfig) -> SizeHints:
@@ -279,11 +281,12 @@ def _detail(row, table: NodeTable, action: Action) -> str:
 
 def to_plan(problem: SolveProblem, solution: Solution, solver: str, solve_time_s: float,
             no_remat_bytes: int = 0, table: NodeTable | None = None,
-            config: RematConfig | None = None) -> RematPlan:
+            config: RematConfig | None = None, detail: bool = True) -> RematPlan:
     """Turns a Solution into a validated RematPlan with a decision for every candidate.
 
-    With ``table`` each decision carries the op, module path, FLOPs and cost the report
-    shows, and the plan the table's size hints; ``config`` is recorded on the plan.
+    With ``table`` the plan has the table's size hints and each decision carries the op,
+    module path, FLOPs and cost the report shows; ``detail=False`` leaves the decisions out
+    (a candidate plan, simulated but not reported). ``config`` is recorded on the plan.
     """
     by_name = problem.by_name()
     saved, owners = saved_storages(problem, solution.saved)
@@ -296,7 +299,7 @@ def to_plan(problem: SolveProblem, solution: Solution, solver: str, solve_time_s
         reasons[owner] = f"owns the storage of {view} ({reasons.get(view, f'{solver}: saved')})"
         reasons[view] = f"a view of saved {owner}: recomputed for free"
     decisions = {}
-    for node in problem.nodes:
+    for node in problem.nodes if detail else ():
         decision = _decision(node, saved, recomputed, reasons, solver)
         if table is not None:
             row = table[node.name]

@@ -95,9 +95,11 @@ class EmittedLayout:
         self.movable = frozenset(n for n in self.nodes if is_movable(n, joint.fw_computable))
         self.forward = frozenset(n.name for n in joint.nodes_with(Role.FORWARD))
         self.inputs = {n: tuple(n.all_input_nodes) for n in self.nodes}
+        self.users = {n: tuple(u for u in n.users if u.op != "output") for n in self.nodes}
         self.waits = frozenset(n for n in self.nodes if compat.is_wait_tensor(n))
         self.bindings = compat.symbol_binding_nodes(graph)
         self._symbols: dict[fx.Node, set] = {}
+        self._valid: tuple[Any, Any] = (None, None)
         missing = set(missing_vals_of(self.nodes))
         self.no_val = frozenset(n for n in self.nodes if n.name in missing)
 
@@ -114,8 +116,8 @@ class EmittedLayout:
         values = [n for n in nodes if not compat.is_sym_node(n)]
         if any(compat.is_opaque_node(n) for n in values):
             return None
-        first = self._extract(sym + values + self.tangents + self.bwd_seeds,
-                              self.bwd_outputs, "backward")
+        first_inputs = sym + values + self.tangents + self.bwd_seeds
+        first = self._extract(first_inputs, self.bwd_outputs, "backward")
         if first is None:
             return None
         kept, users = first
@@ -132,8 +134,12 @@ class EmittedLayout:
                      and n.meta.get("saved_tensor_with_no_vc_check", False)])
         returned = self.fwd_outputs + values + objects + sym
         fw = self._extract(self.primals + self.fwd_seeds, returned, "forward")
-        bw = self._extract(sym + values + objects + self.tangents + self.bwd_seeds + self.states,
-                           self.bwd_outputs, "backward")
+        inputs = sym + values + objects + self.tangents + self.bwd_seeds + self.states
+        if set(inputs) == set(first_inputs):  # nothing dropped or bound: the same graph
+            given = set(inputs)
+            bw = (list(dict.fromkeys(inputs)) + [n for n in kept if n not in given], users)
+        else:
+            bw = self._extract(inputs, self.bwd_outputs, "backward")
         if fw is None or bw is None:
             return None
         saved_map = {n.name: n for n in sym + values + objects}
@@ -144,29 +150,39 @@ class EmittedLayout:
                  ) -> tuple[list[fx.Node], dict[fx.Node, list[fx.Node]]] | None:
         """The extractor's subgraph (step 1): (its nodes in order, node -> users in it)."""
         given = set(inputs)
-        valid = set(given)
-        order = list(dict.fromkeys(inputs))
-        for node in self.nodes:
-            if node in given:
-                continue
-            if (node in self.must_bw and subgraph != "backward") or \
-                    (node in self.must_fw and subgraph != "forward"):
-                continue
-            if node.op == "get_attr" or (node.op == "call_function" and
-                                         all(p in valid for p in self.inputs[node])):
-                valid.add(node)
-                order.append(node)
+        key = (tuple(inputs), subgraph)
+        if self._valid[0] == key:  # the forward's inputs are the same for every plan
+            valid, order = self._valid[1]
+        else:
+            valid, order = self._computable(inputs, given, subgraph)
+            if subgraph == "forward":
+                self._valid = (key, (valid, order))
         if any(isinstance(x, fx.Node) and x not in valid for x in outputs):
             return None  # the extractor would look for a replacement output
         returned = {x for x in outputs if isinstance(x, fx.Node)}
         alive: set[fx.Node] = set()
         users: dict[fx.Node, list[fx.Node]] = {}
+        every = self.users
         for node in reversed(order):
-            mine = [u for u in node.users if u in alive]
+            mine = [u for u in every[node] if u in alive]
             if node in given or node in returned or mine or node in self.impure:
                 alive.add(node)
                 users[node] = mine
         return [n for n in order if n in alive], users
+
+    def _computable(self, inputs, given, subgraph) -> tuple[set[fx.Node], list[fx.Node]]:
+        """The nodes the extractor copies (before dead-code elimination), in order."""
+        valid = set(given)
+        order = list(dict.fromkeys(inputs))
+        other = self.must_fw if subgraph == "backward" else self.must_bw
+        for node in self.nodes:
+            if node in given or node in other:
+                continue
+            if node.op == "get_attr" or (node.op == "call_function" and
+                                         all(p in valid for p in self.inputs[node])):
+                valid.add(node)
+                order.append(node)
+        return valid, order
 
     def _bind_symbols(self, sym: list[fx.Node], values: list[fx.Node]) -> list[fx.Node]:
         """The SymInts the backward receives: those saved, then the binding nodes of the

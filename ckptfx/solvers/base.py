@@ -26,6 +26,7 @@ Note [Validity of a saved set]
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 from typing import Literal, Protocol
@@ -80,6 +81,14 @@ class ProblemNode:
     prefer: float = 0.0
     reason: str = ""
     storage_owner: str = ""
+
+    def forced(self, force: Force, reason: str) -> "ProblemNode":
+        """This node with a hard constraint (``dataclasses.replace`` without re-checking the
+        fields: constraining every node of a deep graph is a hot path)."""
+        node = copy.copy(self)
+        object.__setattr__(node, "force", force)
+        object.__setattr__(node, "reason", reason)
+        return node
 
     def __post_init__(self) -> None:
         if self.force is not None and not isinstance(self.force, Force):
@@ -168,8 +177,25 @@ def needed_closure(problem: SolveProblem, saved: set[str]) -> tuple[set[str], li
     Returns:
         (recomputed, violations): the names computed in the backward (forward nodes that are
         recomputed plus backward-native nodes), and human-readable reasons the set is invalid
-        (empty when valid).
+        (empty when valid). The last few results are kept on the problem: planning a
+        candidate asks for the same closure several times.
     """
+    key = frozenset(saved)
+    memo = problem.__dict__.get("_closures")
+    if memo is None:
+        memo = {}
+        object.__setattr__(problem, "_closures", memo)
+    if key in memo:
+        recomputed, violations = memo[key]
+        return set(recomputed), list(violations)
+    recomputed, violations = _closure(problem, key)
+    if len(memo) >= 4:
+        memo.pop(next(iter(memo)))
+    memo[key] = (frozenset(recomputed), tuple(violations))
+    return recomputed, violations
+
+
+def _closure(problem: SolveProblem, saved: frozenset[str]) -> tuple[set[str], list[str]]:
     nodes = problem.by_name()
     recomputed: set[str] = set()
     violations: list[str] = []

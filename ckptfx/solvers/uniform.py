@@ -9,8 +9,8 @@ Call tree::
 
     UniformSolver.solve(problem)
     ├── uniform_constraints(problem, k)   SolveProblem with forces added (pure data)
-    │   ├── checkpoint_values(problem, block)  what a checkpoint block keeps
-    │   │   └── boundary_outputs(problem, block)   what a block hands to the rest of the graph
+    │   ├── block_boundaries(problem, blocks)  per block, what it hands to the rest of the
+    │   │                                      graph and what a checkpoint of it keeps
     │   └── _available(...)                     never force what could not be recomputed
     └── inner solver (min-cut, or the budget solver with a budget) plans the rest
 
@@ -80,12 +80,7 @@ def boundary_outputs(problem: SolveProblem, block: tuple[str, ...]) -> tuple[str
     Returns:
         The boundary outputs, in problem order (see Note [Uniform boundaries]).
     """
-    inside = set(block)
-    read_outside: set[str] = set()
-    for node in problem.nodes:
-        if node.in_forward and node.name not in inside:
-            read_outside.update(i for i in node.inputs if i in inside)
-    return tuple(n.name for n in problem.nodes if n.name in read_outside)
+    return block_boundaries(problem, (block,))[0][0]
 
 
 def checkpoint_values(problem: SolveProblem, block: tuple[str, ...]) -> tuple[str, ...]:
@@ -93,13 +88,35 @@ def checkpoint_values(problem: SolveProblem, block: tuple[str, ...]) -> tuple[st
     compute-intensive (``expensive``) nodes, i.e. the activation stream; all boundary outputs
     if none is (a block of cheap ops). See Note [Uniform boundaries].
     """
-    inside = set(block)
+    return block_boundaries(problem, (block,))[0][1]
+
+
+def block_boundaries(problem: SolveProblem, blocks: tuple[tuple[str, ...], ...]
+                     ) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Per block, (:func:`boundary_outputs`, :func:`checkpoint_values`), found in one pass
+    over the problem for all the blocks (disjoint blocks; overlapping ones are taken one at
+    a time)."""
+    owner: dict[str, int] = {}
+    for b, block in enumerate(blocks):
+        for name in block:
+            if owner.setdefault(name, b) != b:
+                return [block_boundaries(problem, (one,))[0] for one in blocks]
+    read_outside: set[str] = set()
     heavy: set[str] = set()
     for node in problem.nodes:
-        if node.name in inside and (node.expensive or any(i in heavy for i in node.inputs)):
+        mine = owner.get(node.name)
+        if node.in_forward:
+            read_outside.update(i for i in node.inputs
+                                if i in owner and owner[i] != mine)
+        if mine is not None and (node.expensive or any(
+                i in heavy and owner[i] == mine for i in node.inputs)):
             heavy.add(node.name)
-    outputs = boundary_outputs(problem, block)
-    return tuple(o for o in outputs if o in heavy) or outputs
+    outputs: list[list[str]] = [[] for _ in blocks]
+    for node in problem.nodes:
+        if node.name in read_outside:
+            outputs[owner[node.name]].append(node.name)
+    return [(tuple(outs), tuple(o for o in outs if o in heavy) or tuple(outs))
+            for outs in outputs]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,8 +161,8 @@ def uniform_constraints(problem: SolveProblem, k: int, keep_expensive: bool = Fa
         constraints never make a feasible problem infeasible.
     """
     layers = problem.layers
-    checkpoints = tuple((i, checkpoint_values(problem, block)) for i, block in enumerate(layers)
-                        if (i + 1) % k == 0)
+    bounds = block_boundaries(problem, layers)
+    checkpoints = tuple((i, bounds[i][1]) for i in range(len(layers)) if (i + 1) % k == 0)
     save = {name for _, outs in checkpoints for name in outs}
     expensive: set[str] = set()
     if keep_expensive:  # and the members of one that returns a tuple (it cannot be saved)
@@ -200,9 +217,9 @@ def constrain_blocks(problem: SolveProblem, save: set[str], interior: set[str],
     nodes = []
     for node in problem.nodes:
         if node.name in forced_save:
-            node = dataclasses.replace(node, force=Force.SAVE, reason=save_reasons[node.name])
+            node = node.forced(Force.SAVE, save_reasons[node.name])
         elif node.name in forced_recompute:
-            node = dataclasses.replace(node, force=Force.RECOMPUTE, reason=recompute_reason)
+            node = node.forced(Force.RECOMPUTE, recompute_reason)
         nodes.append(node)
     return (dataclasses.replace(problem, nodes=tuple(nodes)), frozenset(forced_save),
             frozenset(forced_recompute))
