@@ -127,9 +127,14 @@ def evaluate(simulator: Simulator, problem: SolveProblem, solution: Solution, to
     plan = to_plan(problem, solution)
     unread = simulator.unread(plan)
     if unread:  # composed plans (a block's plan moved to another block) may list some
+        # the plan's names: views already replaced by the storages they live in
         solution = dataclasses.replace(
-            solution, saved=tuple(s for s in solution.saved if s not in unread))
+            solution, saved=tuple(s for s in plan.saved if s not in unread))
         plan = to_plan(problem, solution)
+        if simulator.unread(plan):  # not a plan the rewrite would accept: never chosen
+            log.debug("ckptfx: peak search: a candidate saves values its backward never reads")
+            return Candidate(saved_bytes(problem, solution.saved) if bound is None else bound,
+                             solution, None, recompute_cost(problem, solution.saved), plan.saved)
     timeline = simulator.timeline(plan)
     return Candidate(saved_bytes(problem, solution.saved) if bound is None else bound,
                      solution, timeline.peak_bytes if timeline else None,

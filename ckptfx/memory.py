@@ -214,6 +214,7 @@ class _Memo:
 
     def __init__(self) -> None:
         self.outputs: dict[fx.Node, tuple[tuple[int | None, fx.Node | None], ...]] = {}
+        self.storages: dict[Phase, dict[fx.Node, tuple]] = {}  # graphs that receive nothing
 
 
 def _leaves(val: Any) -> list[Any]:
@@ -351,7 +352,15 @@ def _storages(view: GraphView, tag: Phase, inputs: Mapping[str, tuple[_Key, ...]
     nbytes: dict[_Key, int] = {}
     fused = set()
     received = set()
+    # a graph that receives nothing (a forward) gives each node the same storages whatever
+    # else it holds: kept across the candidate plans of one graph
+    same = memo.storages.setdefault(tag, {}) if memo is not None and not inputs \
+        and buffers is None else None
     for node in view.nodes:
+        if same is not None and node in same:
+            refs[node], created[node], sizes = same[node]
+            nbytes.update(sizes)
+            continue
         val = node.meta.get("val")
         if node.name in inputs:  # a saved value: a placeholder of the backward
             refs[node] = inputs[node.name]
@@ -373,6 +382,9 @@ def _storages(view: GraphView, tag: Phase, inputs: Mapping[str, tuple[_Key, ...]
             raise UnsupportedGraphError(
                 f"memory simulation: node {node.name!r} has op {node.op!r}; only placeholder, "
                 f"get_attr, call_function and output are supported (inline submodules first)")
+        if same is not None and node in created:
+            own = tuple((k, nbytes[k]) for k in refs[node] if k is not None and k[1] == node.name)
+            same[node] = (refs[node], created[node], own)
     return _Storages(refs, created, nbytes, frozenset(fused), frozenset(received))
 
 

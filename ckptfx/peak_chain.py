@@ -42,7 +42,7 @@ import time
 
 from ckptfx.candidates import Candidate, evaluate
 from ckptfx.memory import Phase
-from ckptfx.solvers.base import SolveProblem, Solution
+from ckptfx.solvers.base import SolveProblem, Solution, needed_closure
 from ckptfx.solvers.blocks import BlockPlan, block_options, block_problem
 from ckptfx.solvers.chain import (
     BlockOption,
@@ -61,7 +61,7 @@ from ckptfx.solvers.uniform import (
 log = logging.getLogger("ckptfx")
 
 GRID = 4  # model targets between the least model peak and the no-budget plan's
-SELECTIVE = 2  # block plans between keep and checkpoint, per group of blocks
+SELECTIVE = 4  # block plans between keep and checkpoint, per group of blocks
 KEEP, CHECKPOINT = 0, 1
 OPTION_NAMES = {KEEP: "keep", CHECKPOINT: "checkpoint"}
 
@@ -228,11 +228,13 @@ def measure_chain(problem: SolveProblem, uniform: dict[int, Candidate], maps) ->
 
 
 def assemble(problem: SolveProblem, groups: list[_Group], assignment: tuple[int, ...],
-             recompute_expensive: bool, bounds=None) -> Solution:
+             recompute_expensive: bool, bounds=None, anchor: Solution | None = None
+             ) -> Solution:
     """The plan of an assignment: checkpointed blocks as the uniform solver (k = 1) keeps
-    them, block plans moved to their blocks, ``keep`` blocks and the rest of the graph left
-    to the min-cut (Note [Peak search paths]). ``bounds``: the blocks'
-    :func:`~ckptfx.solvers.uniform.block_boundaries`, found here when None."""
+    them, block plans moved to their blocks, ``keep`` blocks and the rest of the graph as
+    the no-budget plan ``anchor`` has them when that is a valid plan under the blocks'
+    constraints, else left to the min-cut (Note [Peak search paths]). ``bounds``: the
+    blocks' :func:`~ckptfx.solvers.uniform.block_boundaries`, found here when None."""
     from ckptfx.solvers.mincut import MinCutSolver
 
     group_of = {i: g for g in groups for i in g.members}
@@ -256,10 +258,29 @@ def assemble(problem: SolveProblem, groups: list[_Group], assignment: tuple[int,
             interior.update(n for n in block if n not in outputs)
         save |= chosen
         reasons.update((n, f"block chain: block {i}, option {o}") for n in chosen)
-    constrained, _, _ = constrain_blocks(problem, save, interior, reasons,
-                                         "block chain: recomputed in its block's backward")
+    recompute = "block chain: recomputed in its block's backward"
+    constrained, forced_save, forced_recompute = constrain_blocks(
+        problem, save, interior, reasons, recompute)
+    notes = (f"block chain: options {assignment}",)
+    if anchor is not None:
+        saved = _composed(constrained, (set(anchor.saved) - forced_recompute) | forced_save)
+        if not needed_closure(constrained, set(saved))[1]:
+            why = [(n, reasons[n]) for n in saved if n in forced_save]
+            return Solution(saved, reasons=tuple(why + [(n, recompute) for n in sorted(
+                forced_recompute)]), notes=notes)
     solution = MinCutSolver(recompute_expensive=recompute_expensive).solve(constrained)
-    return dataclasses.replace(solution, notes=(f"block chain: options {assignment}",))
+    return dataclasses.replace(solution, notes=notes)
+
+
+def _composed(problem: SolveProblem, base: set[str]) -> tuple[str, ...]:
+    """``base`` plus the graph inputs its backward reads, less the values it never reads
+    (a backward node reads them, or a node the backward recomputes does)."""
+    by_name = problem.by_name()
+    recomputed, _ = needed_closure(problem, base)
+    read = {i for r in recomputed for i in by_name[r].inputs}
+    return tuple(n.name for n in problem.nodes
+                 if (n.name in base or n.is_input)
+                 and (n.needed_by_backward or n.name in read))
 
 
 def chain_candidates(simulator, problem: SolveProblem, anchor: Candidate, to_plan,
@@ -321,6 +342,7 @@ def _try(simulator, problem, groups, assignment, to_plan, recompute_expensive, t
          bounds) -> Candidate:
     """The candidate of an assignment, evaluated once."""
     if assignment not in tried:
+        anchor = tried[(KEEP,) * len(assignment)].solution
         tried[assignment] = evaluate(simulator, problem, assemble(
-            problem, groups, assignment, recompute_expensive, bounds), to_plan)
+            problem, groups, assignment, recompute_expensive, bounds, anchor), to_plan)
     return tried[assignment]

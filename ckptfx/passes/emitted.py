@@ -164,7 +164,9 @@ class EmittedLayout:
         users: dict[fx.Node, list[fx.Node]] = {}
         every = self.users
         for node in reversed(order):
-            mine = [u for u in every[node] if u in alive]
+            # an input is a placeholder: it reads nothing (a saved value read only by
+            # another saved value is not read at all)
+            mine = [u for u in every[node] if u in alive and u not in given]
             if node in given or node in returned or mine or node in self.impure:
                 alive.add(node)
                 users[node] = mine
