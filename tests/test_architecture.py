@@ -48,7 +48,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("problem", ("ckptfx.problem",)),
     ("plan", ("ckptfx.plan", "ckptfx.planner", "ckptfx.stages")),
     ("apply", ("ckptfx.passes.verify", "ckptfx.passes.rewrite")),
-    ("simulate", ("ckptfx.memory",)),
+    ("simulate", ("ckptfx.memory", "ckptfx.passes.emitted")),
     ("report", ("ckptfx.report_text", "ckptfx.formula", "ckptfx.timeline", "ckptfx.report")),
     ("search", ("ckptfx.candidates", "ckptfx.peak_chain", "ckptfx.peak_budget")),
     ("entry", ("ckptfx.pipeline", "ckptfx.passes.partition", "ckptfx.passes.remat",
