@@ -267,14 +267,18 @@ def _collect(got: list, note: str, report: RematReport) -> None:
 
 
 def _compile_eager(gm, example_inputs, config: RematConfig, on_report):
-    """AOTAutograd with ckptfx's partition_fn and no codegen (``inner="eager"``)."""
-    from functorch.compile import make_boxed_func
+    """AOTAutograd with ckptfx's partition_fn and no codegen (``inner="eager"``).
 
+    The graphs run boxed (``compat.boxed_copy``): the code takes the list of inputs, clears
+    it and drops each value after its last use, as Inductor's code does and as the memory
+    simulation assumes. Unpacking the list into positional arguments would keep every saved
+    tensor alive until the backward returns.
+    """
     from ckptfx import _torch_compat as compat
     from ckptfx.passes.partition import partition_fn
 
     def nop(g, _inputs):
-        return make_boxed_func(g.forward)
+        return compat.boxed_copy(g)
 
     return compat.aot_autograd_backend(
         fw_compiler=nop, bw_compiler=nop, inference_compiler=nop,
