@@ -26,7 +26,7 @@ Example:
     >>> fw, bw, _ = ckptfx.apply_plan(joint, ckptfx.plan_remat(joint))
     >>> t = simulate(fw, bw)
     >>> (t.peak_bytes, t.peak_graph.value, t.saved_bytes)  # x is a primal: kept, not counted
-    (49156, 'backward', 0)
+    (49152, 'backward', 0)
 
 Note [Memory model]
     One step runs the forward graph, then the backward graph. Bytes are counted per
@@ -46,8 +46,12 @@ Note [Memory model]
       schema says nothing (``_unsafe_view``). A storage is counted once, alive until the last
       use of any alias, and a tuple-valued node keeps every item alive until its last
       ``getitem``.
-    * Forward outputs: user outputs (the loss) stay alive to the end of the step (the caller
-      holds them); saved tensors stay alive until their last use in the backward.
+    * Forward outputs: saved tensors stay alive until their last use in the backward; user
+      outputs (the loss, logits, ...) are dropped when the forward returns, unless saved:
+      the caller keeps none of them through the backward (``model(x).loss.backward()``),
+      and each one it does not backpropagate from reaches the backward as a tangent (zeros
+      that AOTAutograd allocates), counted there. An output the caller holds through the
+      backward adds its bytes to every backward step (not modelled).
     * Tangents are allocated when the backward starts and freed after their last use. An
       input the backward never reads is freed when it starts (FX code keeps it to the end).
     * Backward outputs (gradients) stay alive to the end of the step.
@@ -141,8 +145,8 @@ class MemoryTimeline:
         peak_node: the node of the first step at the peak (``""`` without steps).
         saved_bytes: bytes of the storages kept from the forward for the backward (saved
             tensors, counted once per storage; primals and SymInts count 0), bytes.
-        boundary_bytes: bytes live between the forward and the backward (saved tensors and
-            user outputs), bytes.
+        boundary_bytes: bytes live between the forward and the backward (the saved
+            tensors; user outputs are dropped), bytes.
     """
 
     steps: tuple[MemoryStep, ...]
@@ -549,14 +553,15 @@ def simulate_views(fw: GraphView, bw: GraphView, user: list[Any], saved: Mapping
     """
     buffers = buffers or {}
     fw_st = _storages(fw, FORWARD, {}, hints, buffers.get(FORWARD), memo)
-    fw_steps, boundary = _replay(fw, FORWARD, fw_st, fw_st.nbytes, 0, set())
+    fw_steps, live = _replay(fw, FORWARD, fw_st, fw_st.nbytes, 0, set())
+    kept = _refs_of(list(saved.values()), fw_st.refs)
+    boundary = live - sum(fw_st.nbytes[k] for k in _refs_of(user, fw_st.refs) - kept)
     bw_st = _storages(bw, BACKWARD, {p: fw_st.refs[n] for p, n in saved.items()}, hints,
                       buffers.get(BACKWARD), memo)
     nbytes = {**fw_st.nbytes, **bw_st.nbytes}
-    bw_steps, _ = _replay(bw, BACKWARD, bw_st, nbytes, boundary, _refs_of(user, fw_st.refs))
+    bw_steps, _ = _replay(bw, BACKWARD, bw_st, nbytes, boundary, set())
     steps = tuple(fw_steps + bw_steps)
     peak = max(steps, key=lambda s: s.live_bytes, default=None)
-    kept = _refs_of(list(saved.values()), fw_st.refs)
     return MemoryTimeline(
         steps=steps, peak_bytes=peak.live_bytes if peak else 0,
         peak_graph=peak.graph if peak else None, peak_node=peak.node if peak else "",
@@ -634,7 +639,10 @@ def storage_timeline(fw: fx.GraphModule, bw: fx.GraphModule,
     live: list[frozenset[_Key]] = []
     alive: set[_Key] = set()
     returned: set[_Key] = set()
-    for view, st, keep in ((fw_view, fw_st, set()), (bw_view, bw_st, _refs_of(user, fw_st.refs))):
+    kept = _refs_of(list(saved.values()), fw_st.refs)
+    for view, st in ((fw_view, fw_st), (bw_view, bw_st)):
+        if view is bw_view:  # the user outputs are dropped when the forward returns
+            alive.difference_update(_refs_of(user, fw_st.refs) - kept)
         last, returned = _lifetimes(view, st)
         for i, node in enumerate(view.nodes):
             new = st.created.get(node, ())
@@ -642,8 +650,7 @@ def storage_timeline(fw: fx.GraphModule, bw: fx.GraphModule,
             if new or (node.op == "call_function" and node not in st.received):
                 live.append(frozenset(alive))
             alive.difference_update(k for k, idx in last.items()
-                                    if idx == i and k not in returned and k not in keep)
+                                    if idx == i and k not in returned)
     nbytes = {k: hints.evaluate(e) for k, e in exprs.items()}
-    kept = _refs_of(list(saved.values()), fw_st.refs)
     return StorageTimeline(timeline.steps, tuple(live), nbytes, exprs, timeline.saved_bytes,
                            sympy.Add(*[exprs[k] for k in kept]), frozenset(returned))

@@ -250,7 +250,7 @@ def measure_step(fw: fx.GraphModule, bw: fx.GraphModule, primals: Sequence[Any],
 
     The graphs run boxed (each input dies after its last use) under ``no_grad``; tangents
     (ones) are allocated under the tracker just before the backward; the user outputs are
-    held to the end; the primals are not counted (Note [Memory model] in ckptfx/memory.py).
+    dropped when the forward returns; the primals are not counted (Note [Memory model] in ckptfx/memory.py).
 
     Args:
         fw: the forward GraphModule of a partition.
@@ -265,7 +265,6 @@ def measure_step(fw: fx.GraphModule, bw: fx.GraphModule, primals: Sequence[Any],
     with torch.no_grad(), tracker:
         tracker.phase = FORWARD.value
         outs = list(fw_run(list(primals)))
-        user = outs[:n_user]
         out_nodes = compat.arg_tree_leaves(*fw.graph.find_nodes(op="output")[0].args)
         by_name = {n.name: v for n, v in zip(out_nodes[n_user:], outs[n_user:])}
         del outs
@@ -280,7 +279,7 @@ def measure_step(fw: fx.GraphModule, bw: fx.GraphModule, primals: Sequence[Any],
         del by_name
         tracker.phase = BACKWARD.value
         grads = bw_run(args)
-        del grads, user
+        del grads
     return tracker
 
 

@@ -3,7 +3,7 @@
 :class:`ckptfx.testing.LiveStorages` is a dispatch mode that registers the untyped storage of
 every op output and drops it when the storage is freed; :func:`ckptfx.testing.measure_step`
 runs the forward and the backward as AOTAutograd's runtime runs compiled code (boxed, under
-``no_grad``, tangents allocated just before the backward, user outputs held to the end). The
+``no_grad``, tangents allocated just before the backward, user outputs dropped when the forward returns). The
 graph inputs' storages are excluded, as in Note [Memory model] of ``ckptfx/memory.py``.
 
 CPU storages report the bytes requested (``nbytes()``), not the allocator's rounded block,
@@ -80,7 +80,7 @@ def test_predicted_peak_equals_measured(name):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_saved_and_boundary_bytes(name):
     """Kept bytes (unique computed storages of the saved values) and the bytes live between
-    the forward and the backward (those plus the user outputs) equal what the tracker holds."""
+    the forward and the backward (those; the user outputs are dropped) equal what the tracker holds."""
     _, fw, bw, _, primals = _partition(name)
     timeline = simulate(fw, bw)
     measured = measure(fw, bw, primals)
@@ -90,13 +90,14 @@ def test_saved_and_boundary_bytes(name):
 
 def test_chain_numbers():
     """chain saves only x (a primal, not counted) and recomputes sin, cos, tanh: the peak is
-    in the backward, with three 64 KiB tensors live next to the two 4-byte scalars."""
+    in the backward, with three 64 KiB tensors live next to the 4-byte tangent (the loss
+    itself is dropped when the forward returns)."""
     _, fw, bw, _, _ = _partition("chain")
     t = simulate(fw, bw)
     assert t.saved_bytes == 0
-    assert t.boundary_bytes == 4  # the loss
+    assert t.boundary_bytes == 0  # nothing saved; the loss dropped
     assert t.peak_graph == BACKWARD
-    assert t.peak_bytes == 3 * 64 * KIB + 8
+    assert t.peak_bytes == 3 * 64 * KIB + 4
     assert t.peak_of(BACKWARD).node == t.peak_node
     assert t.peak_of(FORWARD).live_bytes == 2 * 64 * KIB
 
@@ -111,14 +112,14 @@ def test_every_node_a_buffer_is_the_default():
 
 def test_fused_values_count_nothing_and_keep_their_inputs():
     """chain's backward fused into one kernel (Note [Fused values]): only ``mul_1`` owns a
-    64 KiB buffer; the tangent, read through fused ops, lives until that kernel runs, next
-    to the 4-byte loss. The forward keeps only the loss."""
+    64 KiB buffer; the 4-byte tangent, read through fused ops, lives until that kernel runs.
+    The forward's only buffer is the loss."""
     _, fw, bw, _, _ = _partition("chain")
     t = simulate(fw, bw, buffers={FORWARD: frozenset({"sum_1"}), BACKWARD: frozenset({"mul_1"})})
     assert t.peak_of(FORWARD).live_bytes == 4
     assert t.peak_node == "mul_1"
-    assert t.peak_bytes == 64 * KIB + 4 + 4
-    assert t.live_at(BACKWARD, "tanh_backward") == 4 + 4
+    assert t.peak_bytes == 64 * KIB + 4
+    assert t.live_at(BACKWARD, "tanh_backward") == 4
 
 
 def test_views_share_storage():
