@@ -3,6 +3,13 @@
 Models are built from configs with random weights (nothing is downloaded), dropout off so
 that every contender computes the same gradients: ``gpt`` (the built-in GPT of
 ``ckptfx.demo``), and transformers' ``gpt2``, ``llama`` and ``bert`` (masked LM).
+
+Every contender trains the same training configuration (as :mod:`ckptfx.hf` builds it):
+``use_cache=False``, which transformers itself sets under gradient checkpointing (with the
+cache on, a compiled forward returns every layer's keys and values, and the backward
+receives a zero tangent for each of them, alive until that layer's gradient); and GPT-2's
+loss named (``"ForCausalLM"``, the one transformers falls back to), since the one-time
+warning it logs otherwise breaks the compiled graph between the logits and the loss.
 """
 
 from __future__ import annotations
@@ -72,12 +79,15 @@ class _CheckpointedBlock(nn.Module):
 def _hf_model(name: str, s: Shape) -> nn.Module:
     import transformers
 
-    common = dict(vocab_size=s.vocab, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    common = dict(vocab_size=s.vocab, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                  use_cache=False)
     if name == "gpt2":
         cfg = transformers.GPT2Config(n_layer=s.layers, n_embd=s.hidden, n_head=s.heads,
                                       n_positions=s.seq, resid_pdrop=0.0, embd_pdrop=0.0,
                                       attn_pdrop=0.0, **common)
-        return transformers.GPT2LMHeadModel(cfg)
+        model = transformers.GPT2LMHeadModel(cfg)
+        model.loss_type = "ForCausalLM"  # the loss transformers falls back to, named
+        return model
     if name == "llama":
         cfg = transformers.LlamaConfig(hidden_size=s.hidden, intermediate_size=s.hidden * 11 // 4,
                                        num_hidden_layers=s.layers, num_attention_heads=s.heads,
