@@ -43,7 +43,10 @@ def _cells(r: dict) -> list[str]:
     if r.get("fallbacks"):
         err += f" (fallback: {len(r['fallbacks'])} graph(s))"
     fit = "" if r.get("fit_batch") is None else str(r["fit_batch"])
-    return [name, r["label"], f"{r['saved_bytes'] / MIB:.1f}", f"{r['peak_bytes'] / MIB:.1f}",
+    peak = f"{r['peak_bytes'] / MIB:.1f}"
+    if r.get("predicted_peak_bytes") is not None:
+        peak += f" ({r['predicted_peak_bytes'] / MIB:.1f})"
+    return [name, r["label"], f"{r['saved_bytes'] / MIB:.1f}", peak,
             _fmt(r.get("rss_bytes") and r["rss_bytes"] / MIB, ".1f"),
             _fmt(r.get("step_ratio"), ".2f"), extra,
             "-" if r["contender"] in ("eager", "block_ckpt") else f"{r['compile_s']:.1f}", err, fit,

@@ -12,7 +12,9 @@ weights and batch (gradients released each step, no optimizer) and measures:
   parameters excluded);
 * peak MiB: the step's peak at the allocator above the memory before it (CPU: the profiler's
   allocator events, see Note [Allocator peak on CPU] in ``bench/_measure.py``; CUDA:
-  ``torch.cuda.max_memory_allocated``); RSS MiB: peak resident memory, a cross-check (CPU);
+  ``torch.cuda.max_memory_allocated``); for ckptfx the peak its report predicts (the
+  liveness simulation of the graphs that ran) follows in parentheses when the step is one
+  compiled graph; RSS MiB: peak resident memory, a cross-check (CPU);
 * step: median step time over the timed steps, as a ratio to torch.compile's default;
 * extra GFLOP: matmul-class FLOPs of the step (profiler) minus eager's; for ckptfx the
   planned figure from its report follows in parentheses;
@@ -100,6 +102,7 @@ def run_child(spec: dict) -> dict:
            "flops": m.flops, "step_s": statistics.median(times),
            "compile_s": max(0.0, first - statistics.median(times)), "max_rel_err": None,
            "planned_extra_flops": sum(r.extra_flops for r in reports) if reports else None,
+           "predicted_peak_bytes": reports[0].predicted_peak_bytes if len(reports) == 1 else None,
            "fallbacks": [r.fallback for r in reports if r.fallback]}
     if spec.get("ref_save"):
         torch.save(grads, spec["ref_save"])

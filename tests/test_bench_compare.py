@@ -68,3 +68,14 @@ def test_cuda_without_gpu_fails_with_one_line():
     assert res.returncode != 0
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "no CUDA GPU" in lines[0]
+
+
+def test_peak_cell_shows_the_predicted_peak_in_parentheses():
+    from _output import COLUMNS, MIB, _cells
+
+    row = {"model": "gpt2", "layers": 6, "label": "ckpt", "contender": "ckpt_peak_0.0",
+           "saved_bytes": 3 * MIB, "peak_bytes": 10 * MIB, "predicted_peak_bytes": 9.5 * MIB,
+           "compile_s": 1.0, "max_rel_err": 0.0}
+    peak = _cells(row)[COLUMNS.index("peak MiB")]
+    assert peak == "10.0 (9.5)"
+    assert _cells(dict(row, predicted_peak_bytes=None))[COLUMNS.index("peak MiB")] == "10.0"
