@@ -8,7 +8,8 @@ with eager, meter the bytes autograd saves, track live storages op by op, toy gr
 * :func:`saved_tensor_bytes` (from :mod:`ckptfx.measure`): the bytes autograd keeps for the
   backward, over unique storages, parameters excluded.
 * :class:`LiveStorages` and :func:`measure_step`: an allocator-level tracker (a dispatch
-  mode) of the storages ops create, to hold :mod:`ckptfx.memory`'s simulation against.
+  mode) of the storages ops create, to hold :mod:`ckptfx.memory`'s simulation against;
+  :class:`CompiledLiveStorages` around code compiled with ``inner="eager"``.
 * :func:`ops_of`: the ops a plan saves or recomputes, to assert on (node names change across
   torch versions; ops, roles and bytes do not).
 * :data:`TOY_GRAPHS`: small functions and modules with round sizes (a 128x128 fp32 tensor is
@@ -43,8 +44,9 @@ from ckptfx.capture import call
 from ckptfx.measure import saved_tensor_bytes
 from ckptfx.memory import BACKWARD, FORWARD, saved_inputs
 
-__all__ = ["LiveStorages", "Step", "TOY_GRAPHS", "assert_same_run", "assert_same_tensors",
-           "default_loss", "grads_of", "measure_step", "ops_of", "saved_tensor_bytes", "train"]
+__all__ = ["CompiledLiveStorages", "LiveStorages", "Step", "TOY_GRAPHS", "assert_same_run",
+           "assert_same_tensors", "default_loss", "grads_of", "measure_step", "ops_of",
+           "saved_tensor_bytes", "train"]
 
 
 @dataclasses.dataclass
@@ -195,10 +197,11 @@ class LiveStorages(compat.dispatch_mode_base()):
 
     For graphs run directly (the partitioned forward and backward GraphModules of
     ``inner="eager"``, as :func:`measure_step` runs them). Not around a ``torch.compile``'d
-    callable: Dynamo runs compiled code eagerly while a dispatch mode is active, and
-    Inductor's buffers are allocated past the dispatcher; measure a compiled step with the
-    profiler's allocator events instead (``torch.profiler.profile(profile_memory=True)``,
-    as ``tests/test_inductor_order.py`` and ``bench/compare.py`` do).
+    callable: Dynamo runs compiled code eagerly while a dispatch mode is active (use
+    :class:`CompiledLiveStorages` there, for ``inner="eager"``), and Inductor's buffers are
+    allocated past the dispatcher; measure a step compiled by Inductor with the profiler's
+    allocator events instead (``torch.profiler.profile(profile_memory=True)``, as
+    ``tests/test_inductor_order.py`` and ``bench/compare.py`` do).
 
     Attributes:
         total: bytes live now.
@@ -241,6 +244,35 @@ class LiveStorages(compat.dispatch_mode_base()):
 
     def _free(self, ptr: int) -> None:
         self.total -= self.live.pop(ptr)
+
+
+class CompiledLiveStorages(LiveStorages):
+    """:class:`LiveStorages` around code compiled with ``inner="eager"``: Dynamo keeps
+    running the compiled frames (the mode ignores compilation, turned off while Dynamo
+    compiles and on while the compiled graphs run), so every op of the partitioned forward
+    and backward is seen, with the ops outside the compiled region (a pipeline schedule's,
+    a loss function's, autograd's gradient accumulation).
+
+    It counts the storages ops create, as Note [Memory model] in ckptfx/memory.py does:
+    scratch memory inside one op (a kernel's workspace) is not seen. Storages that exist
+    when it starts are not counted unless an op returns them (pass them in ``exclude``).
+
+    Example:
+        >>> import torch, ckptfx
+        >>> from ckptfx.testing import CompiledLiveStorages
+        >>> lin = torch.nn.Linear(64, 64)
+        >>> f = torch.compile(lin, backend=ckptfx.CkptBackend(inner="eager"))
+        >>> x = torch.randn(32, 64)
+        >>> f(x).sum().backward()  # compiles
+        >>> with CompiledLiveStorages(exclude=[*lin.parameters(), x]) as live:
+        ...     f(x).sum().backward()
+        >>> live.peak > 0
+        True
+    """
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
 
 
 def measure_step(fw: fx.GraphModule, bw: fx.GraphModule, primals: Sequence[Any],
