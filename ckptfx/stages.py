@@ -18,6 +18,25 @@ Note [Microbatches in flight]
 
     Fraction budgets are on each graph's own scale and are left as they are; the report
     states the per-microbatch and the in-flight figures whatever the budget.
+
+Note [What the schedule holds]
+    Measured with ``torch.distributed.pipelining`` (torch 2.13, 1F1B, 2 stages, 4
+    microbatches; the storages ops create, ``tests/test_parallel.py``), a stage holds more
+    than its microbatches' saved values: a microbatch's stage output lives until its
+    backward (``fwd_cache``) and often longer (a send request keeps it until a later send
+    completes; the last stage keeps every output until the step returns them,
+    ``output_chunks`` with ``step(return_outputs=True)``, the default), and a stage after
+    the first keeps the input gradient it sends back until that send completes, while it
+    runs the next backward. One step's simulated peak already counts the running
+    microbatch's own output and input gradient (both live to the end of its step), so
+    :func:`pipeline_stage_options` subtracts the others: ``(n - 1) * output_bytes`` for n
+    microbatches per step, plus ``input_bytes`` for a stage after the first. The receive
+    buffers (one per microbatch for the activations and for the gradients a stage
+    receives) are allocated at the first step and kept: like parameters, gradients and
+    optimizer state they are resident, and belong outside ``device_memory_bytes``. Not
+    modelled: the loss function's memory on the last stage (it runs outside the compiled
+    stage; the schedule keeps each microbatch's loss until the step ends), and scratch
+    memory inside one op.
 """
 
 from __future__ import annotations
@@ -116,10 +135,20 @@ def schedule_in_flight(schedule: Any, stage_index: int, num_stages: int,
                       f"another schedule pass microbatches_in_flight yourself")
 
 
+def schedule_held_bytes(stage_index: int, n_microbatches: int, output_bytes: int,
+                        input_bytes: int) -> int:
+    """Bytes the schedule holds besides a running microbatch's step (Note [What the
+    schedule holds]): the other microbatches' outputs, and for a stage after the first one
+    input gradient being sent back."""
+    return (n_microbatches - 1) * output_bytes + (input_bytes if stage_index > 0 else 0)
+
+
 def pipeline_stage_options(schedule: Any, stage_index: int, num_stages: int,
-                           device_memory_bytes: int, n_microbatches: int) -> dict[str, Any]:
+                           device_memory_bytes: int, n_microbatches: int, *,
+                           output_bytes: int = 0, input_bytes: int = 0) -> dict[str, Any]:
     """Options for the stage ``stage_index`` of a pipeline: a peak budget of the device's
-    memory with the stage's microbatches in flight (Note [Microbatches in flight]).
+    memory with the stage's microbatches in flight (Note [Microbatches in flight]), less
+    the outputs the schedule holds (Note [What the schedule holds]).
 
     Example:
         >>> import ckptfx
@@ -133,18 +162,31 @@ def pipeline_stage_options(schedule: Any, stage_index: int, num_stages: int,
         device_memory_bytes: bytes the stage's activations may take on its device (the
             device's memory less parameters, gradients and optimizer state), bytes.
         n_microbatches: microbatches per step.
+        output_bytes: bytes of the stage's output for one microbatch (what it sends to the
+            next stage; the last stage's: what the loss reads), 0 to reserve nothing.
+        input_bytes: bytes of the stage's input for one microbatch (the gradient a stage
+            after the first sends back has its size), 0 to reserve nothing.
 
     Returns:
-        A dict of options for ``CkptBackend(**options)`` / ``options=``.
+        A dict of options for ``CkptBackend(**options)`` / ``options=``: a peak budget of
+        ``device_memory_bytes`` less the held outputs' bytes.
 
     Raises:
-        ConfigError: an unknown schedule, an index out of range, or a memory figure that is
-            not an int >= 2.
+        ConfigError: an unknown schedule, an index out of range, a memory figure that is
+            not an int >= 2, an ``output_bytes`` or ``input_bytes`` that is not an int >=
+            0, or held tensors that leave less than 2 bytes.
     """
-    if isinstance(device_memory_bytes, bool) or not isinstance(device_memory_bytes, int) or \
-            device_memory_bytes < 2:
-        raise ConfigError(f"device_memory_bytes={device_memory_bytes!r}: allowed values: an "
-                          f"int >= 2 (bytes)")
+    for name, value, least in (("device_memory_bytes", device_memory_bytes, 2),
+                               ("output_bytes", output_bytes, 0),
+                               ("input_bytes", input_bytes, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"{name}={value!r}: allowed values: an int >= {least} (bytes)")
     m = schedule_in_flight(schedule, stage_index, num_stages, n_microbatches)
-    return {"memory_budget": device_memory_bytes, "budget_kind": "peak",
+    held = schedule_held_bytes(stage_index, n_microbatches, output_bytes, input_bytes)
+    if device_memory_bytes - held < 2:
+        raise ConfigError(f"device_memory_bytes={device_memory_bytes}: the schedule holds "
+                          f"{held} B of stage outputs and gradients (output_bytes="
+                          f"{output_bytes}, input_bytes={input_bytes}); give the stage more "
+                          f"memory or fewer microbatches")
+    return {"memory_budget": device_memory_bytes - held, "budget_kind": "peak",
             "microbatches_in_flight": m}

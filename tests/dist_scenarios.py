@@ -361,8 +361,15 @@ def simple_fsdp(rank: int) -> dict:
     return dist_regather.simple_fsdp(rank)
 
 
+def measured_pipeline(rank: int, **kwargs) -> dict:
+    import dist_pipeline
+
+    return dist_pipeline.measured_pipeline(rank, **kwargs)
+
+
 SCENARIOS = {"ddp": ddp, "ddp_of_sequential": ddp_of_sequential, "fsdp": fsdp,
-             "mismatch": mismatch, "pipeline": pipeline, "simple_fsdp": simple_fsdp}
+             "measured_pipeline": measured_pipeline, "mismatch": mismatch,
+             "pipeline": pipeline, "simple_fsdp": simple_fsdp}
 
 
 def worker(rank: int, world: int, port: int, out_dir: str, name: str, kwargs: dict) -> None:

@@ -172,3 +172,21 @@ def test_simple_fsdp_regather_frees_the_unsharded_weight_on_every_rank(tmp_path)
         assert any(n.startswith("regather_params: 1 of 1 all-gathers") for n in on["notes"])
     for key in ("off", "on"):
         assert ranks[0][key]["fingerprints"] == ranks[1][key]["fingerprints"]
+
+
+def test_two_stage_1f1b_stage_peak_measured_within_its_in_flight_budget(tmp_path):
+    """Each stage gets a memory figure for its activations; planned with
+    ``pipeline_stage_options`` (a peak budget with its microbatches in flight, less what the
+    schedule holds) the stage's measured peak during a step stays within it, and the first
+    stage planned without the in-flight option exceeds it (Note [What the schedule holds])."""
+    ranks = run(tmp_path, "measured_pipeline")
+    for rank, r in enumerate(ranks):
+        fit, alone = r["in_flight"], r["alone"]
+        assert fit["options"]["microbatches_in_flight"] == 2 - rank
+        # the second step: compiled, gradients and receive buffers allocated before it
+        assert fit["peaks"][1] <= fit["memory"], (rank, fit)
+        if rank == 0:  # two microbatches in flight: the plan saves less
+            assert fit["saved"] < alone["saved"]
+            assert alone["peaks"][1] > alone["memory"], alone
+            note = [n for n in fit["notes"] if n.startswith("microbatches in flight: 2")]
+            assert note and f"of memory_budget={fit['options']['memory_budget']} B" in note[0]
