@@ -64,12 +64,22 @@ def recomputed_ops(backend) -> list[str]:
     return [c.op for r in backend.reports for c in r.recomputed]
 
 
-def _train(model, params, steps=STEPS) -> tuple[list[float], dict]:
+def _train(model, params, steps=STEPS, measured: list | None = None
+           ) -> tuple[list[float], dict]:
+    """SGD steps; with ``measured``, each step's saved bytes (saved-tensor hooks over unique
+    storages, the parameters excluded) are appended to it."""
+    from ckptfx.measure import saved_tensor_bytes
+
+    params = list(params)
     opt = torch.optim.SGD(params, lr=LR)
     losses = []
     for step in range(steps):
         opt.zero_grad()
-        loss = model(batch(step))
+        if measured is None:
+            loss = model(batch(step))
+        else:
+            loss, saved = saved_tensor_bytes(lambda: model(batch(step)), exclude=params)
+            measured.append(saved)
         loss.backward()
         losses.append(loss.item())
         grads = {n: _full(p.grad) for n, p in _named(model)}
@@ -98,9 +108,11 @@ def ddp(rank: int, options: dict, wrap: str) -> dict:
         wrapped = DDP(torch.compile(model, backend=backend), bucket_cap_mb=1 / 16)
     else:
         wrapped = torch.compile(DDP(model, bucket_cap_mb=1 / 16), backend=backend)
-    losses, grads = _train(wrapped, wrapped.parameters())
+    measured: list[int] = []
+    losses, grads = _train(wrapped, wrapped.parameters(), measured=measured)
     return {"losses": losses, "grads": grads, "plans": plans_of(backend),
-            "recomputed_ops": recomputed_ops(backend), "fingerprints": backend.fingerprints}
+            "recomputed_ops": recomputed_ops(backend), "fingerprints": backend.fingerprints,
+            "measured": measured, "reported": [r.saved_bytes for r in backend.reports]}
 
 
 def ddp_of_sequential(rank: int, options: dict) -> dict:

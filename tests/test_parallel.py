@@ -81,6 +81,11 @@ def test_ddp_bucketed_graphs_are_planned_and_train_like_eager(tmp_path, wrap):
     for r in ranks:
         assert_trains_like_eager(r)
         assert not any("compiled no graph" in w for w in r["warnings"])
+        # each step keeps what the bucket graphs' reports say together (saved-tensor hooks
+        # over the whole forward, unique storages, parameters excluded)
+        reported = sum(r["reported"])
+        assert r["measured"] and all(abs(reported - m) <= 0.05 * m for m in r["measured"]), (
+            r["measured"], r["reported"])
 
 
 def test_compiled_ddp_that_makes_no_graph_warns_once_with_the_recipe(tmp_path):
