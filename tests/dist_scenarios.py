@@ -189,6 +189,7 @@ def fsdp(rank: int, options: dict, compile: str) -> dict:
             "recomputed_ops": recomputed_ops(backend), "measured": measured,
             "reported": [r.saved_bytes for r in backend.reports],
             "fingerprints": backend.fingerprints,
+            "notes": [list(r.notes) for r in backend.reports],
             "collectives": _collectives_never_recomputed()}
 
 

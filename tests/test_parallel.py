@@ -105,10 +105,15 @@ def test_fsdp2_trains_like_eager_and_never_recomputes_a_collective(tmp_path, com
                                                                    monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")  # a cache hit skips planning
     ranks = run(tmp_path, "fsdp", options={"inner": inner, "memory_budget": 0.5,
-                                           "verify_ranks": True}, compile=compile)
+                                           "verify_ranks": True, "regather_params": True},
+                compile=compile)
     assert_same_plans_no_collective(ranks)
     for r in ranks:
         assert_trains_like_eager(r)
+        # FSDP2's all-gathers run in its hooks, outside every graph (Note [Re-gathering
+        # parameters]): regather_params finds nothing to re-gather and says so
+        assert r["notes"] and all(any("all-gathers no parameter shard" in n for n in notes)
+                                  for notes in r["notes"])
         assert not any("has no hint" in w for w in r["warnings"])
         coll = r["collectives"]
         ops = " ".join(coll["collective_ops"])

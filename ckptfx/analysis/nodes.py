@@ -134,6 +134,18 @@ def _collective_op(node: fx.Node) -> str:
 #     drops that tag from these nodes and no policy reads it as the user's. Everything
 #     else stays banned: a reduce-scatter or all-reduce, and an all-gather of an activation
 #     (its input is not a parameter: re-running it would mean keeping what feeds it).
+#     FSDP2 (``fully_shard``) on torch 2.13 puts no all-gather in any graph, whatever the
+#     recipe: its hooks (``_pre_forward``, ``_pre_backward``, the post-backward) are wrapped
+#     in ``torch._dynamo.disable`` unconditionally (``_fsdp_common._dynamo_disable``,
+#     "skipping FSDP hooks"; the ``skip_fsdp_hooks`` config that let Dynamo trace them is
+#     gone), so per-block and whole-model compiles alike hand the partitioner a block whose
+#     unsharded parameters are graph inputs (primals, never saved: 0 bytes to trade), and
+#     compiled autograd changes only the backward's capture. The trade is FSDP2's own there:
+#     ``reshard_after_forward=True`` (its default) frees the unsharded parameters after the
+#     forward and gathers them again in the backward's pre-hook. The option then notes that
+#     the graph "all-gathers no parameter shard". Where the gather is in the graph
+#     (SimpleFSDP-style functional collectives) the saved bytes fall by the unsharded
+#     parameter bytes, measured on 2 gloo ranks (``tests/test_parallel.py``).
 #     Tests: tests/test_regather.py.
 def is_param_gather(node: fx.Node, params: frozenset[str]) -> bool:
     """An all-gather whose tensor inputs are all in ``params`` (parameter shards), or the
