@@ -139,98 +139,6 @@ def ddp_of_sequential(rank: int, options: dict) -> dict:
             "ref_grads": {n: p.grad.tolist() for n, p in ref.named_parameters()}}
 
 
-class _MeasuredBlock(torch.nn.Module):
-    """Runs a compiled block under ``saved_tensors_hooks`` (outside the compiled region, so
-    Dynamo does not trace them) and records the bytes autograd saves during each call over
-    unique storages, the block's (unsharded) parameters excluded."""
-
-    def __init__(self, block: torch.nn.Module, compiled, log: list[int]) -> None:
-        super().__init__()
-        self.block, self.compiled, self.log = block, compiled, log
-
-    def forward(self, x):
-        seen: dict[int, int] = {}
-
-        def pack(t):
-            storage = t.untyped_storage()
-            params = {p.untyped_storage().data_ptr() for p in self.block.parameters()}
-            if storage.data_ptr() not in params:
-                seen[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = self.compiled(x)
-        self.log.append(sum(seen.values()))
-        return out
-
-
-def fsdp(rank: int, options: dict, compile: str) -> dict:
-    """FSDP2: ``fully_shard`` per block and on the root; torch.compile per block (each
-    block's call measured) or of the whole model."""
-    import ckptfx
-    from torch.distributed.fsdp import fully_shard
-
-    model = gpt()
-    backend = ckptfx.CkptBackend(**options)
-    for block in model.blocks:
-        fully_shard(block)
-    fully_shard(model)
-    measured: list[int] = []
-    if compile == "block":
-        for i, block in enumerate(model.blocks):
-            model.blocks[i] = _MeasuredBlock(block, torch.compile(block, backend=backend),
-                                             measured)
-        wrapped = model
-    else:
-        wrapped = torch.compile(model, backend=backend)
-    losses, grads = _train(wrapped, model.parameters())
-    grads = {n.replace("block.", ""): g for n, g in grads.items()}
-    return {"losses": losses, "grads": grads, "plans": plans_of(backend),
-            "recomputed_ops": recomputed_ops(backend), "measured": measured,
-            "reported": [r.saved_bytes for r in backend.reports],
-            "fingerprints": backend.fingerprints,
-            "notes": [list(r.notes) for r in backend.reports],
-            "collectives": _collectives_never_recomputed()}
-
-
-def _collectives_never_recomputed() -> dict:
-    """A graph holding all_gather, reduce_scatter, all_reduce and their waits, planned for
-    the least memory: which collective nodes the joint graph had and which were recomputed."""
-    import torch.distributed._functional_collectives as funcol
-    from unittest import mock
-
-    import ckptfx
-    import ckptfx.pipeline as pipeline
-
-    def f(x, w):
-        full = funcol.all_gather_tensor(w, 0, dist.group.WORLD)  # the unsharded weight
-        h = torch.tanh(x @ full.t())
-        h = funcol.all_reduce(h, "sum", dist.group.WORLD).exp()
-        return funcol.reduce_scatter_tensor(h, "sum", 0, dist.group.WORLD).sum()
-
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(8, 16, generator=g, requires_grad=True)
-    w = torch.randn(4, 16, generator=g, requires_grad=True)
-    seen = []
-    original = pipeline.plan
-
-    def spy(joint, config=None):
-        seen.append(original(joint, config))
-        return seen[-1]
-
-    backend = ckptfx.CkptBackend(inner="eager", memory_budget=0.0)
-    with mock.patch.object(pipeline, "plan", spy):
-        torch.compile(f, backend=backend)(x, w).backward()
-    decisions = {n: d for planned in seen for n, d in planned.plan.decisions.items()}
-    coll = {n: d.action.value for n, d in decisions.items()
-            if any(k in d.op for k in COLLECTIVES)}
-    return {"collective_ops": sorted({decisions[n].op for n in coll}),
-            "collective_actions": sorted(set(coll.values())),
-            "recomputed_ops": recomputed_ops(backend),
-            "fallback": [r.fallback for r in backend.reports],
-            "x_grad": x.grad.tolist(), "w_grad": w.grad.tolist()}
-
-
 def mismatch(rank: int) -> dict:
     """``verify_ranks=True`` with a budget that differs by rank: every rank raises."""
     import ckptfx
@@ -366,6 +274,12 @@ def pipeline(rank: int, inner: str = "eager", microbatches: int = 4) -> dict:
             "measured_most": wrapped.most, "most_microbatches": wrapped.most_microbatches,
             "measured_per_microbatch": wrapped.per_microbatch,
             "plans": plans_of(backend), "recomputed_ops": recomputed_ops(backend)}
+
+
+def fsdp(rank: int, **kwargs) -> dict:
+    import dist_fsdp
+
+    return dist_fsdp.fsdp(rank, **kwargs)
 
 
 def simple_fsdp(rank: int) -> dict:

@@ -124,11 +124,11 @@ def test_fsdp2_trains_like_eager_and_never_recomputes_a_collective(tmp_path, com
         assert not [op for op in coll["recomputed_ops"]
                     if any(k in op for k in scenarios.COLLECTIVES)]
         assert coll["fallback"] == [""]
-    if compile == "block":  # each block call keeps what its graph's report says
-        for r in ranks:
-            assert r["measured"] and r["reported"]
-            for m in r["measured"]:
-                assert any(abs(b - m) <= 0.05 * m for b in r["reported"]), (m, r["reported"])
+    for r in ranks:  # each block call keeps what its graph's report says (the blocks share
+        # their code: one graph, or one per recompile)
+        assert len(r["measured"]) == 2 * 2 and r["reported"]  # 2 blocks, 2 steps
+        for m in r["measured"]:
+            assert any(abs(b - m) <= 0.05 * m for b in r["reported"]), (m, r["reported"])
 
 
 def test_verify_ranks_names_the_first_decision_that_differs(tmp_path):
