@@ -30,7 +30,9 @@ Note [What the schedule holds]
     runs the next backward. One step's simulated peak already counts the running
     microbatch's own output and input gradient (both live to the end of its step), so
     :func:`pipeline_stage_options` subtracts the others: ``(n - 1) * output_bytes`` for n
-    microbatches per step, plus ``input_bytes`` for a stage after the first. The receive
+    microbatches per step (a bound: the first stage measured m of them at once, the first
+    microbatch's output held until the step's third backward), plus ``input_bytes`` for a
+    stage after the first (one held at a time, measured). The receive
     buffers (one per microbatch for the activations and for the gradients a stage
     receives) are allocated at the first step and kept: like parameters, gradients and
     optimizer state they are resident, and belong outside ``device_memory_bytes``. Not
@@ -148,7 +150,7 @@ def pipeline_stage_options(schedule: Any, stage_index: int, num_stages: int,
                            output_bytes: int = 0, input_bytes: int = 0) -> dict[str, Any]:
     """Options for the stage ``stage_index`` of a pipeline: a peak budget of the device's
     memory with the stage's microbatches in flight (Note [Microbatches in flight]), less
-    the outputs the schedule holds (Note [What the schedule holds]).
+    what the schedule holds besides them (Note [What the schedule holds]).
 
     Example:
         >>> import ckptfx
@@ -160,7 +162,8 @@ def pipeline_stage_options(schedule: Any, stage_index: int, num_stages: int,
         stage_index: this stage, 0-based.
         num_stages: stages in the pipeline.
         device_memory_bytes: bytes the stage's activations may take on its device (the
-            device's memory less parameters, gradients and optimizer state), bytes.
+            device's memory less parameters, gradients, optimizer state, the schedule's
+            receive buffers and, on the last stage, the loss function's memory), bytes.
         n_microbatches: microbatches per step.
         output_bytes: bytes of the stage's output for one microbatch (what it sends to the
             next stage; the last stage's: what the loss reads), 0 to reserve nothing.
@@ -169,7 +172,7 @@ def pipeline_stage_options(schedule: Any, stage_index: int, num_stages: int,
 
     Returns:
         A dict of options for ``CkptBackend(**options)`` / ``options=``: a peak budget of
-        ``device_memory_bytes`` less the held outputs' bytes.
+        ``device_memory_bytes`` less :func:`schedule_held_bytes`.
 
     Raises:
         ConfigError: an unknown schedule, an index out of range, a memory figure that is
