@@ -12,7 +12,7 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
 import ckptfx
-from _common import batch, gpt, setup
+from _common import CFG, batch, gpt, setup
 
 MICROBATCHES = 4
 ACTIVATION_MEMORY = 4 * 2**20  # bytes this example lets each stage's activations take
@@ -52,8 +52,12 @@ def main() -> None:
     device = setup()
     rank, stages = dist.get_rank(), dist.get_world_size()
     stage = (First if rank == 0 else Last)(gpt(device))
-    options = ckptfx.pipeline_stage_options(Schedule1F1B, rank, stages, ACTIVATION_MEMORY,
-                                            MICROBATCHES)
+    # what the schedule holds besides a step: stage outputs (and input gradients), fp32
+    micro = CFG.batch // MICROBATCHES * CFG.seq * 4
+    options = ckptfx.pipeline_stage_options(
+        Schedule1F1B, rank, stages, ACTIVATION_MEMORY, MICROBATCHES,
+        output_bytes=micro * (CFG.width if rank < stages - 1 else CFG.vocab),
+        input_bytes=micro * CFG.width if rank > 0 else 0)
     backend = ckptfx.CkptBackend(**options, inner="eager")
     pipe = PipelineStage(torch.compile(stage, backend=backend), rank, stages, device)
     schedule = Schedule1F1B(pipe, MICROBATCHES, loss_fn=loss_fn)
