@@ -27,12 +27,13 @@ Note [What the schedule holds]
     completes; the last stage keeps every output until the step returns them,
     ``output_chunks`` with ``step(return_outputs=True)``, the default), and a stage after
     the first keeps the input gradient it sends back until that send completes, while it
-    runs the next backward. One step's simulated peak already counts the running
-    microbatch's own output and input gradient (both live to the end of its step), so
-    :func:`pipeline_stage_options` subtracts the others: ``(n - 1) * output_bytes`` for n
-    microbatches per step (a bound: the first stage measured m of them at once, the first
-    microbatch's output held until the step's third backward), plus ``input_bytes`` for a
-    stage after the first (one held at a time, measured). The receive
+    runs the next backward. One step's simulated peak lets the step's outputs die when
+    its forward returns (Note [Memory model]: a caller keeps only what the backward
+    needs), but the schedule holds them, so :func:`pipeline_stage_options` subtracts
+    ``n * output_bytes`` for n microbatches per step (the running one's and the others'; a
+    bound: the first stage measured m of the others at once, the first microbatch's output
+    held until the step's third backward), plus ``input_bytes`` for a stage after the
+    first (one held at a time, measured). The receive
     buffers (one per microbatch for the activations and for the gradients a stage
     receives) are allocated at the first step and kept: like parameters, gradients and
     optimizer state they are resident, and belong outside ``device_memory_bytes``. Not
@@ -140,9 +141,10 @@ def schedule_in_flight(schedule: Any, stage_index: int, num_stages: int,
 def schedule_held_bytes(stage_index: int, n_microbatches: int, output_bytes: int,
                         input_bytes: int) -> int:
     """Bytes the schedule holds besides a running microbatch's step (Note [What the
-    schedule holds]): the other microbatches' outputs, and for a stage after the first one
-    input gradient being sent back."""
-    return (n_microbatches - 1) * output_bytes + (input_bytes if stage_index > 0 else 0)
+    schedule holds]): every microbatch's output (the simulated step lets its own die when
+    its forward returns), and for a stage after the first one input gradient being sent
+    back."""
+    return n_microbatches * output_bytes + (input_bytes if stage_index > 0 else 0)
 
 
 def pipeline_stage_options(schedule: Any, stage_index: int, num_stages: int,

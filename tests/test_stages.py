@@ -33,14 +33,14 @@ def test_one_f_one_b_keeps_stages_minus_index_and_gpipe_all():
     assert schedule_in_flight(ScheduleGPipe, 3, 4, 8) == 8
     assert ckptfx.pipeline_stage_options("gpipe", 0, 2, 2**30, 4) == {
         "memory_budget": 2**30, "budget_kind": "peak", "microbatches_in_flight": 4}
-    # what the schedule holds besides one step (Note [What the schedule holds]): the other
-    # microbatches' outputs, and past the first stage one input gradient being sent back
+    # what the schedule holds besides one step (Note [What the schedule holds]): every
+    # microbatch's output, and past the first stage one input gradient being sent back
     first = ckptfx.pipeline_stage_options("1F1B", 0, 2, 2**20, 4, output_bytes=100,
                                           input_bytes=10)
     last = ckptfx.pipeline_stage_options("1F1B", 1, 2, 2**20, 4, output_bytes=100,
                                          input_bytes=10)
-    assert (first["memory_budget"], last["memory_budget"]) == (2**20 - 300, 2**20 - 310)
-    with pytest.raises(ConfigError, match="holds 3000 B"):
+    assert (first["memory_budget"], last["memory_budget"]) == (2**20 - 400, 2**20 - 410)
+    with pytest.raises(ConfigError, match="holds 4000 B"):
         ckptfx.pipeline_stage_options("1F1B", 0, 2, 3000, 4, output_bytes=1000)
     with pytest.raises(ConfigError, match="input_bytes=-1"):
         ckptfx.pipeline_stage_options("1F1B", 1, 2, 3000, 4, input_bytes=-1)
